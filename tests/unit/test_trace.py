@@ -1,0 +1,268 @@
+"""The trace core, without IPython: graph, names, gradients, reasons, hooks removed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import torchmagic
+from torchmagic.trace.recorder import KEY
+
+
+def seed():
+    with torchmagic.trace() as t:
+        x = torch.ones(2, 2, requires_grad=True)
+        y = x + 2
+        z = y * y * 3
+        out = z.mean()
+        out.backward()
+    return t, x, y, z, out
+
+
+def test_seed_example_gives_the_textbook_gradients():
+    t, x, y, z, out = seed()
+    assert torch.equal(t.grad("y"), torch.full((2, 2), 4.5))
+    assert torch.equal(t.grad("z"), torch.full((2, 2), 0.25))
+    assert t.grad("out").item() == 1.0
+    assert torch.equal(t.grad("x"), torch.full((2, 2), 4.5))
+    assert torch.equal(x.grad, torch.full((2, 2), 4.5))
+    # PyTorch's own view is untouched: a non-leaf keeps no grad and retains none
+    assert not y.retains_grad and not z.retains_grad
+    names = [n.name for n in t.nodes]
+    assert names == ["x", "y", None, "z", "out"]
+    assert t.node("out").is_output and not t.node("y").is_output
+    assert t.node("z").grad.values == [[0.25, 0.25], [0.25, 0.25]]
+
+
+def test_data_flow_order_and_inputs():
+    t, *_ = seed()
+    by_name = {n.name: n for n in t.nodes}
+    assert [t.nodes[i].name for i in by_name["out"].inputs] == ["z"]
+    mul = t.nodes[2]
+    assert mul.op == "mul" and [t.nodes[i].name for i in mul.inputs] == ["y", "y"]  # y used twice
+    assert by_name["x"].kind == "leaf" and by_name["x"].op == "ones"
+
+
+def test_unknown_name_lists_known_names():
+    t, *_ = seed()
+    with pytest.raises(KeyError, match="known names: x, y, z, out"):
+        t.grad("w")
+
+
+def test_source_lines_point_at_the_users_code():
+    t, *_ = seed()
+    assert t.node("z").source.text == "z = y * y * 3"
+    assert t.node("y").source.line + 1 == t.node("z").source.line
+
+
+def test_results_identical_to_an_untraced_run():
+    def run(traced: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 1))
+        x = torch.randn(4, 8)
+        if traced:
+            with torchmagic.trace():
+                model(x).pow(2).mean().backward()
+        else:
+            model(x).pow(2).mean().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    for plain, traced in zip(run(False), run(True)):
+        assert torch.equal(plain, traced)
+
+
+def test_parameters_are_named_by_module_path():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
+    x = torch.randn(2, 3)
+    with torchmagic.trace() as t:
+        loss = model(x).sum()
+        loss.backward()
+    params = {n.name: n for n in t.nodes if n.kind == "param"}
+    assert set(params) == {"model.0.weight", "model.0.bias", "model.2.weight", "model.2.bias"}
+    assert torch.equal(t.grad("model.0.weight"), model[0].weight.grad)
+    linear_ops = [n for n in t.nodes if n.op == "linear"]
+    assert [n.module for n in linear_ops] == ["model.0", "model.2"]
+
+
+def test_retain_graph_twice_accumulates():
+    with torchmagic.trace() as t:
+        x = torch.ones(3, requires_grad=True)
+        y = x * 2
+        out = y.sum()
+        out.backward(retain_graph=True)
+        out.backward()
+    assert len(t.passes) == 2 and not t.structure_changed
+    assert torch.equal(t.grad("y"), torch.full((3,), 2.0))
+    assert torch.equal(t.grad("x"), torch.full((3,), 4.0))
+
+
+def test_autograd_grad_gives_leaf_and_intermediate_gradients():
+    with torchmagic.trace() as t:
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        y = x**2
+        out = y.sum()
+        (gx,) = torch.autograd.grad(out, x)
+    assert torch.equal(t.grad("x"), gx)
+    assert torch.equal(t.grad("y"), torch.ones(2))
+    assert x.grad is None
+
+
+def test_multi_output_ops_keep_one_gradient_per_output():
+    with torchmagic.trace() as t:
+        x = torch.arange(4.0, requires_grad=True)
+        a, b = torch.split(x, 2)
+        out = (a * 3).sum() + (b * 5).sum()
+        out.backward()
+    assert t.node("a").op_id == t.node("b").op_id
+    assert (t.node("a").output_nr, t.node("b").output_nr) == (0, 1)
+    assert torch.equal(t.grad("a"), torch.full((2,), 3.0))
+    assert torch.equal(t.grad("b"), torch.full((2,), 5.0))
+
+
+def test_unused_output_of_unbind_has_no_gradient():
+    with torchmagic.trace() as t:
+        x = torch.ones(3, 2, requires_grad=True)
+        first, second, third = x.unbind(0)
+        out = (first * 2).sum()
+        out.backward()
+    assert torch.equal(t.grad("first"), torch.full((2,), 2.0))
+    assert torch.equal(t.grad("x")[1], torch.zeros(2))
+
+
+def test_in_place_op_is_recorded_under_its_name():
+    with torchmagic.trace() as t:
+        x = torch.ones(2, requires_grad=True)
+        y = x * 2
+        y.add_(1)
+        out = y.sum()
+        out.backward()
+    assert t.node("y").op == "add_"
+    assert torch.equal(t.grad("x"), torch.full((2,), 2.0))
+
+
+def test_reasons_for_missing_gradients():
+    with torchmagic.trace() as t:
+        used = torch.ones(2, requires_grad=True)
+        unused = torch.ones(2, requires_grad=True)
+        frozen = torch.ones(2, requires_grad=True)
+        cut = torch.ones(2, requires_grad=True)
+        with torch.no_grad():
+            _ = frozen * 2
+        d = cut.detach() * 3
+        out = (used * 2).sum() + d.sum()
+        out.backward()
+    reasons = {m.name: m.reason for m in t.missing}
+    assert reasons == {
+        "unused": "not reachable from the output",
+        "frozen": "used only under torch.no_grad()",
+        "cut": "used only through .detach()",
+    }
+
+
+def test_graph_without_backward_shows_no_gradients_and_says_why():
+    with torchmagic.trace() as t:
+        x = torch.ones(2, requires_grad=True)
+        out = (x * 2).sum()
+    assert [n.name for n in t.nodes] == ["x", None, "out"]
+    assert all(n.grad is None for n in t.nodes)
+    assert t.node("x").missing_reason == "backward not called yet"
+    assert "no backward yet" in t.text()
+    # a later trace that only calls backward shows the gradients on the same graph
+    with torchmagic.trace() as t2:
+        out.backward()
+    assert torch.equal(t2.grad("x"), torch.full((2,), 2.0))
+    assert t2.grad("out").item() == 1.0
+
+
+def test_first_nonfinite_gradient_is_marked_as_origin():
+    with torchmagic.trace() as t:
+        x = torch.tensor([0.0, 1.0], requires_grad=True)
+        r = torch.sqrt(x)
+        s = r * 2
+        out = s.sum()
+        out.backward()
+    origin = t.nonfinite_origin
+    assert origin is not None and origin.name == "x"
+    assert origin.grad.inf_count == 1 and t.node("s").grad.finite
+    assert "FIRST NaN/Inf" in t.text()
+    assert "#ff9a9a" in t.to_dot()
+
+
+def test_nan_in_an_intermediate_gradient_marks_where_it_appears():
+    with torchmagic.trace() as t:
+        x = torch.tensor([1.0, 2.0], requires_grad=True)
+        h = x * 0
+        y = torch.log(h)
+        m = y * 0  # forward nan*0 -> nan grad flows as 0*inf
+        out = m.sum()
+        out.backward()
+    origin = t.nonfinite_origin
+    assert origin is not None
+    # y's gradient is finite (zeros), the log's backward makes h's gradient non-finite
+    assert t.node("y").grad.finite and origin.name == "h"
+
+
+def test_hooks_are_removed_and_gradients_released_after_the_trace():
+    with torchmagic.trace() as t:
+        x = torch.ones(2, requires_grad=True)
+        y = x * 3
+        out = y.sum()
+        out.backward(retain_graph=True)
+    record = y.grad_fn.metadata[KEY]
+    assert record.grads is None  # the graph holds no gradient after the trace
+    out.backward()  # outside the trace: nothing is recorded
+    assert record.grads is None
+    assert torch.equal(t.grad("y"), torch.ones(2))
+
+
+def test_memory_budget_keeps_statistics_only():
+    with torchmagic.trace(memory_budget=0) as t:
+        x = torch.ones(10, requires_grad=True)
+        y = x * 2
+        y.sum().backward()
+    assert t.node("y").grad.mean == 1.0
+    with pytest.raises(LookupError, match="memory budget"):
+        t.grad("y")
+
+
+def test_large_gradients_show_statistics_not_values():
+    with torchmagic.trace(small_values=4) as t:
+        x = torch.ones(100, requires_grad=True)
+        y = x * 2
+        y.sum().backward()
+    summary = t.node("x").grad
+    assert summary.values is None and summary.mean == 2.0 and summary.norm == pytest.approx(20.0)
+    assert "mean 2  min 2  max 2  norm 20" in t.text()
+
+
+def test_loop_rebinding_labels_every_step():
+    with torchmagic.trace() as t:
+        x = torch.ones(2, requires_grad=True)
+        h = x
+        for _ in range(3):
+            h = torch.tanh(h)
+        h.sum().backward()
+    # the API names by the frame's final bindings; every step of the loop is still drawn
+    assert [n.op for n in t.nodes] == ["ones", "tanh", "tanh", "tanh", "sum"]
+    assert t.node("x").kind == "leaf"
+
+
+def test_an_exception_inside_the_block_still_gives_a_trace_and_cleans_up():
+    with pytest.raises(ZeroDivisionError):
+        with torchmagic.trace() as t:
+            x = torch.ones(2, requires_grad=True)
+            y = x * 2
+            1 / 0
+    assert t.error.startswith("ZeroDivisionError")
+    assert [n.name for n in t.nodes] == ["x", "y"]
+
+
+def test_core_does_not_import_ipython():
+    code = "import sys, torchmagic, torchmagic.trace, torchmagic.render.dot, torchmagic.render.text; " \
+           "print('IPython' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -1,0 +1,318 @@
+"""The IPython layer: magics, configuration traits, error translation and display.
+
+Everything that does the work lives in the core (``trace``, ``convert``, ``device``); this
+module parses arguments, runs cells, turns the core's exceptions into one-line
+``UsageError``s and displays results.
+"""
+
+from __future__ import annotations
+
+import ast
+from typing import Any
+
+import torch
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+from IPython.display import display
+from traitlets import Int, TraitError, Unicode, validate
+
+import torchmagic
+
+from .assignments import BIND_NAME, AssignmentInstrumenter, BindDispatcher
+from .errors import TorchMagicError
+from .trace import Recorder, Trace
+from .trace.naming import default_cell_label
+
+_EVENTS = ("pre_run_cell", "post_run_cell")
+
+
+def _usage_error(error: Exception) -> UsageError:
+    """One line for the user; the exact UsageError class, so IPython prints no traceback."""
+    return UsageError(str(error))
+
+
+@magics_class
+class TorchMagic(Magics):
+    """torchmagic's magics and their options (``%config TorchMagic`` lists them)."""
+
+    max_nodes = Int(500, help="Diagrams draw at most this many tensors; the rest are summarised.").tag(config=True)
+    small_values = Int(
+        16, help="Gradients with at most this many elements are shown as values, larger ones as statistics."
+    ).tag(config=True)
+    memory_budget = Int(
+        64 * 2**20,
+        help="Bytes of gradient tensors a trace keeps whole; past it, gradients are kept as statistics only.",
+    ).tag(config=True)
+    history_size = Int(3, help="How many past traces are kept (torchmagic.last_trace(), %autograd_trace show).").tag(
+        config=True
+    )
+    default_device = Unicode(
+        "", help="Default device applied when the extension loads (cpu, cuda, cuda:N, mps, meta, auto); empty: leave it."
+    ).tag(config=True)
+
+    @validate("max_nodes", "history_size")
+    def _positive(self, proposal):
+        if proposal["value"] < 1:
+            raise TraitError(f"{proposal['trait'].name} must be at least 1")
+        return proposal["value"]
+
+    @validate("small_values", "memory_budget")
+    def _non_negative(self, proposal):
+        if proposal["value"] < 0:
+            raise TraitError(f"{proposal['trait'].name} must not be negative")
+        return proposal["value"]
+
+    def __init__(self, shell: Any, **kwargs: Any) -> None:
+        super().__init__(shell, **kwargs)
+        self.dispatcher = BindDispatcher()
+        self.instrumenter = AssignmentInstrumenter()
+        self.trace_on: dict[str, Any] | None = None  # the options of `%autograd_trace on`
+        self._cell_recorder: Recorder | None = None  # the `on` mode's recording of the running cell
+        self._pending: list[tuple[Any, list[str] | None]] = []  # shown after the cell
+
+    # -- shared machinery -------------------------------------------------------------
+    def _labeler(self):
+        filename_map = getattr(self.shell.compile, "_filename_map", {})
+
+        def label(filename: str) -> str:
+            number = filename_map.get(filename)
+            return f"In [{number}]" if number is not None else default_cell_label(filename)
+
+        return label
+
+    def _sync_transformer(self) -> None:
+        """Our AST transformer is installed exactly while some `on` mode needs it."""
+        transformers = self.shell.ast_transformers
+        wanted = self.trace_on is not None or getattr(self, "tensor_on", None) is not None
+        present = self.instrumenter in transformers
+        if wanted and not present:
+            transformers.append(self.instrumenter)
+        elif present and not wanted:
+            transformers.remove(self.instrumenter)
+
+    def run_body(self, cell: str) -> Any:
+        """Run a cell magic's body like a cell: the user's namespace, line numbers and traceback.
+
+        Follows ``%time``: transform, parse, AST transformers, exec, then eval the last
+        expression and return its value (IPython shows it as Out[N]). The body is cached
+        under its own file name, one line down, so tracebacks and source lines match the
+        cell as the user sees it (the magic's own line is line 1).
+        """
+        __tracebackhide__ = True  # noqa: F841 (IPython hides this frame from tracebacks)
+        shell = self.shell
+        source = "\n" + shell.transform_cell(cell)
+        filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
+        tree = shell.compile.ast_parse(source, filename=filename)
+        tree = shell.transform_ast(tree)
+        if self.instrumenter not in shell.ast_transformers:
+            tree = self.instrumenter.visit(tree)
+            ast.fix_missing_locations(tree)
+        last = None
+        if tree.body and isinstance(tree.body[-1], ast.Expr):
+            last = ast.Expression(tree.body.pop().value)
+        namespace = shell.user_ns
+        exec(compile(tree, filename, "exec"), namespace)
+        if last is not None:
+            return eval(compile(last, filename, "eval"), namespace)
+        return None
+
+    def show(self, obj: Any, text_only: bool = False) -> None:
+        include = ["text/plain"] if text_only else self.shell.display_formatter.active_types
+        display(obj, include=include)
+
+    def _remember(self, trace: Trace) -> None:
+        history = torchmagic._history
+        history.append(trace)
+        del history[: max(0, len(history) - self.history_size)]
+
+    # -- load and unload --------------------------------------------------------------
+    def on_load(self) -> None:
+        self._device_at_load = torch.get_default_device()
+        if self.default_device:
+            self._set_default_device(self.default_device)
+
+    def on_unload(self) -> None:
+        if torch.get_default_device() != self._device_at_load:
+            torch.set_default_device(self._device_at_load)
+
+    # -- events -------------------------------------------------------------------------
+    def pre_run_cell(self, info: Any = None) -> None:
+        if self.trace_on is not None and self._cell_recorder is None:
+            recorder = Recorder(memory_budget=self.memory_budget, small_values=self.small_values)
+            self.dispatcher.binders["trace"] = recorder.bind
+            recorder.start()
+            self._cell_recorder = recorder
+
+    def post_run_cell(self, result: Any = None) -> None:
+        """Finish the `on` recording and show what the cell produced; never breaks the cell."""
+        try:
+            recorder, self._cell_recorder = self._cell_recorder, None
+            if recorder is not None:
+                self._finish_on_recording(recorder, result)
+            pending, self._pending = self._pending, []
+            for obj, include in pending:
+                display(obj, include=include or self.shell.display_formatter.active_types)
+        except Exception:
+            self.shell.showtraceback()
+
+    def _finish_on_recording(self, recorder: Recorder, result: Any) -> None:
+        options = self.trace_on or {}
+        try:
+            recorder.stop()
+        finally:
+            self.dispatcher.binders.pop("trace", None)
+            value = getattr(result, "result", None)
+            trace = Trace(max_nodes=options.get("max_nodes") or self.max_nodes,
+                          memory_budget=self.memory_budget, small_values=self.small_values,
+                          cell=f"In [{self.shell.execution_count}]")
+            trace.fill(recorder, self.shell.user_ns, self._labeler(), [value] if isinstance(value, torch.Tensor) else [])
+        error = getattr(result, "error_in_exec", None)
+        if error is not None:
+            trace.error = f"{type(error).__name__}: {error}"
+        if trace.nodes or trace.missing:
+            self._deliver(trace, options)
+
+    def _deliver(self, trace: Trace, options: dict[str, Any]) -> None:
+        self._remember(trace)
+        if options.get("save"):
+            try:
+                trace.save(options["save"])
+            except (TorchMagicError, OSError) as error:
+                print(f"torchmagic: could not save the trace: {error}")
+        self._pending.append((trace, ["text/plain"] if options.get("text") else None))
+
+    def _discard_cell_recording(self) -> None:
+        recorder, self._cell_recorder = self._cell_recorder, None
+        if recorder is not None:
+            recorder.stop()
+            recorder.release()
+        self.dispatcher.binders.pop("trace", None)
+
+    # -- %autograd_trace ----------------------------------------------------------------
+    @no_var_expand
+    @magic_arguments()
+    @argument("action", nargs="?", choices=["on", "off", "status", "show"],
+              help="Line magic only: trace every following cell (on) until off; status; show the last trace again.")
+    @argument("--max-nodes", type=int, default=None, help="Draw at most N tensors (default: TorchMagic.max_nodes).")
+    @argument("--save", metavar="PATH", default=None, help="Also write the trace to PATH: .svg, .dot/.gv or .txt.")
+    @argument("--text", action="store_true", help="Show the text rendering only (no diagram).")
+    @line_cell_magic
+    def autograd_trace(self, line: str, cell: str | None = None) -> Any:
+        """Show the autograd graph a cell builds, with the intermediate gradients PyTorch discards.
+
+        As a cell magic, traces that cell: a diagram of the graph (your variable names, module
+        paths for parameters, source lines on hover) and a table of every gradient, with NaN/Inf
+        flagged and the first non-finite gradient marked. Hooks are placed on the graph only
+        while backward runs and removed afterwards; your tensors are not changed.
+        """
+        __tracebackhide__ = True  # noqa: F841
+        args = parse_argstring(self.autograd_trace, line)
+        if args.max_nodes is not None and args.max_nodes < 1:
+            raise UsageError("--max-nodes must be at least 1")
+        if args.save:
+            from .trace.trace import SAVE_FORMATS
+            import os
+
+            if os.path.splitext(args.save)[1].lower() not in SAVE_FORMATS:
+                raise UsageError(f"--save: cannot write {args.save!r}; use a file ending in {', '.join(SAVE_FORMATS)}")
+        options = {"max_nodes": args.max_nodes, "save": args.save, "text": args.text}
+        if cell is None:
+            return self._trace_line(args.action, options)
+        if args.action is not None:
+            raise UsageError(f"%%autograd_trace takes no action ({args.action!r}); use the line magic for on/off/status/show")
+        self._discard_cell_recording()  # `on` mode would record this cell too: the cell magic takes over
+        recorder = Recorder(memory_budget=self.memory_budget, small_values=self.small_values)
+        self.dispatcher.binders["trace"] = recorder.bind
+        value = error = None
+        recorder.start()
+        try:
+            value = self.run_body(cell)
+            return value
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            try:
+                recorder.stop()
+            finally:
+                self.dispatcher.binders.pop("trace", None)
+                trace = Trace(max_nodes=args.max_nodes or self.max_nodes, memory_budget=self.memory_budget,
+                              small_values=self.small_values, cell=f"In [{self.shell.execution_count}]")
+                trace.fill(recorder, self.shell.user_ns, self._labeler(),
+                           [value] if isinstance(value, torch.Tensor) else [])
+                if error is not None:
+                    trace.error = f"{type(error).__name__}: {error}"
+                self._deliver(trace, options)
+
+    def _trace_line(self, action: str | None, options: dict[str, Any]) -> Any:
+        if action is None:
+            raise UsageError("%autograd_trace needs on, off, status or show (or use %%autograd_trace on a cell)")
+        if action == "on":
+            self.trace_on = options
+            self._sync_transformer()
+            print("autograd tracing is on for every following cell (%autograd_trace off stops it)")
+        elif action == "off":
+            self._discard_cell_recording()
+            self.trace_on = None
+            self._sync_transformer()
+            print("autograd tracing is off")
+        elif action == "status":
+            if self.trace_on is None:
+                print("autograd tracing is off")
+            else:
+                opts = ", ".join(f"{k}={v}" for k, v in self.trace_on.items() if v)
+                print("autograd tracing is on" + (f" ({opts})" if opts else ""))
+        elif action == "show":
+            trace = torchmagic.last_trace()
+            if trace is None:
+                raise UsageError("no trace yet: run a cell with %%autograd_trace or after %autograd_trace on")
+            self.show(trace, text_only=bool(options.get("text")))
+        return None
+
+
+_BIND_ATTR = "_torchmagic_magics"
+
+
+def load(shell: Any) -> TorchMagic:
+    """Register the magics, events and the bind function; a second load replaces the first."""
+    if getattr(shell, _BIND_ATTR, None) is not None:
+        unload(shell)
+    magics = TorchMagic(shell)
+    shell.register_magics(magics)
+    for event in _EVENTS:
+        shell.events.register(event, getattr(magics, event))
+    shell.user_ns[BIND_NAME] = magics.dispatcher
+    shell.user_ns_hidden[BIND_NAME] = magics.dispatcher
+    setattr(shell, _BIND_ATTR, magics)
+    magics.on_load()
+    return magics
+
+
+def unload(shell: Any) -> None:
+    """Remove everything ``load`` and the magics installed."""
+    magics = getattr(shell, _BIND_ATTR, None)
+    if magics is None:
+        return
+    try:
+        magics.on_unload()
+    finally:
+        magics._discard_cell_recording()
+        magics.trace_on = None
+        if hasattr(magics, "tensor_on"):
+            magics.tensor_on = None
+        magics._sync_transformer()
+        for event in _EVENTS:
+            try:
+                shell.events.unregister(event, getattr(magics, event))
+            except ValueError:
+                pass
+        for kind in ("line", "cell"):
+            registry = shell.magics_manager.magics[kind]
+            for name, func in list(registry.items()):
+                if getattr(func, "__self__", None) is magics:
+                    del registry[name]
+        shell.magics_manager.registry.pop(type(magics).__name__, None)
+        shell.user_ns.pop(BIND_NAME, None)
+        shell.user_ns_hidden.pop(BIND_NAME, None)
+        setattr(shell, _BIND_ATTR, None)

@@ -1,0 +1,237 @@
+"""Turn what a Recorder saw into a Trace: walk the graph once, name it, summarise gradients."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from .model import MissingGradient, PassInfo, TraceNode
+from .naming import Labeler, NamespaceNames, source_line
+from .recorder import KEY, Recorder, node_op_name
+from .stats import summarize_many
+
+NOT_CALLED = "backward not called yet"
+NOT_REACHABLE = "not reachable from the output"
+NO_GRAD = "used only under torch.no_grad()"
+DETACHED = "used only through .detach()"
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _post_order(roots: list[Any]) -> list[Any]:
+    """Autograd nodes reachable from ``roots``, inputs before the ops that consume them."""
+    order: list[Any] = []
+    visited: set[Any] = set()
+    for root in roots:
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if node in visited:
+                continue
+            visited.add(node)
+            stack.append((node, True))
+            for child, _ in reversed(node.next_functions):
+                if child is not None and child not in visited:
+                    stack.append((child, False))
+    return order
+
+
+def build(
+    recorder: Recorder,
+    namespace: Mapping[str, Any] | None = None,
+    labeler: Labeler | None = None,
+    extra_roots: list[torch.Tensor] = (),
+) -> dict[str, Any]:
+    """Everything a Trace holds, as keyword arguments for it. Releases the recorder."""
+    try:
+        return _build(recorder, namespace, labeler, list(extra_roots))
+    finally:
+        recorder.release()
+
+
+def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any]:
+    names = NamespaceNames(namespace)
+    root_edges: list[tuple[Any, int]] = []
+    if recorder.passes:
+        root_edges.extend(recorder.passes[-1].root_edges)
+    candidates = [t for _, t in names.tensors] + [t for t in extra_roots if isinstance(t, torch.Tensor)]
+    for tensor in candidates:
+        node = tensor.grad_fn
+        if node is None:
+            continue
+        record = node.metadata.get(KEY)
+        if record is not None and record.trace_id == recorder.trace_id and record.seen_forward:
+            root_edges.append((node, tensor.output_nr))
+    edge_names: dict[tuple[Any, int], str] = {}
+    for name, tensor in names.tensors:
+        if tensor.grad_fn is not None:
+            edge_names.setdefault((tensor.grad_fn, tensor.output_nr), name)
+
+    root_nodes = list(dict.fromkeys(node for node, _ in root_edges))
+    order = _post_order(root_nodes)
+    used: dict[Any, set[int]] = {node: set() for node in order}
+    for node in order:
+        for child, index in node.next_functions:
+            if child is not None:
+                used[child].add(index)
+    consumed = {(child, index) for node in order for child, index in node.next_functions if child is not None}
+    root_set = {edge for edge in root_edges if edge not in consumed}
+    for node, index in root_edges:
+        used[node].add(index)
+
+    nodes: list[TraceNode] = []
+    ids: dict[tuple[Any, int], int] = {}
+    grad_tensors: dict[int, torch.Tensor] = {}
+    summaries: dict[int, Any] = {}
+    seqs: dict[int, int] = {}
+    in_graph_leaves: set[int] = set()
+    has_passes = bool(recorder.passes)
+
+    for op_id, node in enumerate(order):
+        record = node.metadata.get(KEY)
+        is_leaf = type(node).__name__ == "AccumulateGrad"
+        outputs = set(used[node])
+        if record is not None and not is_leaf:
+            outputs.update(record.names)
+        inputs = tuple(ids[(child, index)] for child, index in node.next_functions if child is not None)
+        for output_nr in sorted(outputs):
+            trace_id = len(nodes)
+            ids[(node, output_nr)] = trace_id
+            bindings = list(record.names.get(output_nr, ())) if record is not None else []
+            location = record.location if record is not None else None
+            module = names.modules.get(id(record.module)) if record is not None and record.module is not None else None
+            if is_leaf:
+                variable = node.variable
+                in_graph_leaves.add(id(variable))
+                info = recorder.leaves.get(id(variable))
+                param = names.params.get(id(variable))
+                binding_names = [n for n, _ in info.names] if info is not None else []
+                # the module path, then what the namespace calls it now, then the cell's bindings
+                leaf_names = ([param] if param else []) + names.by_id.get(id(variable), []) + binding_names
+                kind = "param" if param else "leaf"
+                op = "parameter" if param else (info.op if info is not None and info.op else "leaf")
+                if info is not None:
+                    location = info.location or (info.names[0][1] if info.names else None)
+                shape, dtype, device = tuple(variable.shape), variable.dtype, variable.device
+                all_names = tuple(dict.fromkeys(leaf_names))
+            else:
+                kind = "op"
+                op = record.op if record is not None else node_op_name(node)
+                all_names = tuple(dict.fromkeys(n for n, _ in bindings))
+                if not all_names and (node, output_nr) in edge_names:
+                    all_names = (edge_names[(node, output_nr)],)
+                meta = record.outputs.get(output_nr) if record is not None else None
+                shape, dtype, device = meta if meta is not None else (None, None, None)
+                if location is None and bindings:
+                    location = bindings[0][1]
+            slot = record.grads.get(output_nr) if record is not None and record.grads else None
+            trace_node = TraceNode(
+                id=trace_id,
+                kind=kind,
+                op=op,
+                op_id=op_id,
+                output_nr=output_nr,
+                name=all_names[0] if all_names else None,
+                names=all_names,
+                shape=shape,
+                dtype=_dtype_name(dtype),
+                device=None if device is None else str(device),
+                inputs=inputs,
+                source=source_line(location, labeler),
+                module=module,
+                is_output=(node, output_nr) in root_set,
+            )
+            if slot is not None:
+                seqs[trace_id] = slot.seq
+                if slot.tensor is not None:
+                    grad_tensors[trace_id] = slot.tensor
+                    trace_node.grad_kept = True
+                else:
+                    summaries[trace_id] = slot.summary
+            elif kind != "op":
+                trace_node.missing_reason = NOT_REACHABLE if has_passes else NOT_CALLED
+            nodes.append(trace_node)
+
+    _label_rebound_names(nodes)
+    kept_ids = list(grad_tensors)
+    for trace_id, summary in zip(kept_ids, summarize_many([grad_tensors[i] for i in kept_ids], recorder.small_values)):
+        summaries[trace_id] = summary
+    origin = None
+    for trace_id, summary in summaries.items():
+        node = nodes[trace_id]
+        node.grad = summary
+        node.grad_seq = seqs[trace_id]
+        if node.shape is None:
+            node.shape = summary.shape
+        if not summary.finite and (origin is None or seqs[trace_id] < seqs[origin]):
+            origin = trace_id
+    if origin is not None:
+        nodes[origin].nonfinite_origin = True
+
+    missing = _missing_leaves(recorder, names, in_graph_leaves, labeler)
+    passes = [
+        PassInfo(
+            index=i,
+            entry=p.entry,
+            roots=tuple(edge_names.get(edge, "?") for edge in p.root_edges),
+            node_count=p.node_count,
+            signature=p.signature,
+        )
+        for i, p in enumerate(recorder.passes)
+    ]
+    history: dict[str, list[tuple[int, float]]] = {}
+    for leaf, norms in recorder.leaf_history.values():
+        label = names.params.get(id(leaf)) or next(iter(names.by_id.get(id(leaf), [])), None)
+        info = recorder.leaves.get(id(leaf))
+        if label is None and info is not None and info.names:
+            label = info.names[0][0]
+        if label is not None:
+            history[label] = [(index, float(norm)) for index, norm in norms]
+    return dict(
+        nodes=nodes,
+        grad_tensors=grad_tensors,
+        missing=missing,
+        passes=passes,
+        grad_history=history,
+        op_count=recorder.op_count,
+    )
+
+
+def _label_rebound_names(nodes: list[TraceNode]) -> None:
+    """A name bound to several tensors (``h = torch.tanh(h)`` in a loop) labels each: ``h (1)``, ``h (2)``."""
+    counts = Counter(node.name for node in nodes if node.name is not None)
+    seen: Counter[str] = Counter()
+    for node in nodes:
+        if node.name is not None and counts[node.name] > 1:
+            seen[node.name] += 1
+            node.name = f"{node.name} ({seen[node.name]})"
+
+
+def _missing_leaves(recorder: Recorder, names: NamespaceNames, in_graph: set[int], labeler) -> list[MissingGradient]:
+    missing = []
+    for key, info in recorder.leaves.items():
+        if key in in_graph:
+            continue
+        label = (names.params.get(key) or next(iter(names.by_id.get(key, [])), None)
+                 or (info.names[0][0] if info.names else None))
+        if label is None:
+            continue  # nobody can refer to it: not worth a line
+        if info.detached:
+            reason = DETACHED
+        elif info.no_grad:
+            reason = NO_GRAD
+        elif recorder.passes:
+            reason = NOT_REACHABLE
+        else:
+            reason = NOT_CALLED
+        location = info.location or (info.names[0][1] if info.names else None)
+        missing.append(MissingGradient(label, tuple(info.tensor.shape), reason, source_line(location, labeler)))
+    return missing

@@ -1,0 +1,230 @@
+"""The Trace object users hold: the recorded graph as data, and its views."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import OptionError
+from .build import build
+from .model import MissingGradient, PassInfo, TraceNode
+from .naming import Labeler
+from .recorder import Recorder
+
+SAVE_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".txt": "text"}
+
+
+class Trace:
+    """The autograd graph some code built, with the gradients that flowed through it.
+
+    As a context manager it records the code in its block and is filled in on exit::
+
+        with torchmagic.trace() as t:
+            out = model(x).sum()
+            out.backward()
+        t.grad("out"); print(t.text())
+    """
+
+    def __init__(self, *, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16,
+                 cell: str = "") -> None:
+        self.max_nodes = max_nodes
+        self.memory_budget = memory_budget
+        self.small_values = small_values
+        self.cell = cell
+        self.nodes: list[TraceNode] = []
+        self.missing: list[MissingGradient] = []
+        self.passes: list[PassInfo] = []
+        self.grad_history: dict[str, list[tuple[int, float]]] = {}
+        self.op_count = 0
+        self.error: str | None = None
+        self._grad_tensors: dict[int, torch.Tensor] = {}
+        self._recorder: Recorder | None = None
+        self._svg: str | None = None
+
+    # -- recording ----------------------------------------------------------------------
+    def recorder(self) -> Recorder:
+        return Recorder(memory_budget=self.memory_budget, small_values=self.small_values)
+
+    def fill(self, recorder: Recorder, namespace: Mapping[str, Any] | None, labeler: Labeler | None = None,
+             extra_roots: list[torch.Tensor] = ()) -> Trace:
+        """Take over what ``recorder`` saw (it is released afterwards)."""
+        data = build(recorder, namespace, labeler, extra_roots)
+        self.nodes = data["nodes"]
+        self._grad_tensors = data["grad_tensors"]
+        self.missing = data["missing"]
+        self.passes = data["passes"]
+        self.grad_history = data["grad_history"]
+        self.op_count = data["op_count"]
+        self._svg = None
+        return self
+
+    def __enter__(self) -> Trace:
+        self._recorder = self.recorder()
+        self._recorder.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        recorder, self._recorder = self._recorder, None
+        recorder.stop()
+        caller = sys._getframe(1)
+        namespace = dict(caller.f_globals)
+        namespace.update(caller.f_locals)
+        del caller
+        if exc is not None:
+            self.error = f"{exc_type.__name__}: {exc}"
+        self.fill(recorder, namespace)
+
+    # -- data -----------------------------------------------------------------------------
+    @property
+    def names(self) -> list[str]:
+        """Every tensor label in the trace (``h (2)`` for the second binding of ``h``)."""
+        return [n.name for n in self.nodes if n.name is not None]
+
+    def node(self, name: str) -> TraceNode:
+        """The tensor labelled ``name``; a name rebound several times means its last binding."""
+        matches = [n for n in self.nodes if n.name == name or name in n.names]
+        if not matches:
+            matches = [n for n in self.nodes if n.name is not None and n.name.split(" (")[0] == name]
+        if not matches:
+            known = ", ".join(self.names) or "none"
+            raise KeyError(f"no tensor named {name!r} in this trace; known names: {known}")
+        return matches[-1]
+
+    def grad(self, name: str) -> torch.Tensor | None:
+        """The gradient that flowed into the tensor named ``name`` (None if none reached it).
+
+        Raises KeyError for unknown names, and LookupError when the gradient was over the
+        memory budget and only its statistics were kept (``t.node(name).grad``).
+        """
+        node = self.node(name)
+        if node.id in self._grad_tensors:
+            return self._grad_tensors[node.id]
+        if node.grad is not None:
+            raise LookupError(
+                f"the gradient of {name!r} was over the memory budget; only its statistics were kept "
+                f"(t.node({name!r}).grad); raise TorchMagic.memory_budget to keep it"
+            )
+        return None
+
+    @property
+    def nonfinite_origin(self) -> TraceNode | None:
+        return next((n for n in self.nodes if n.nonfinite_origin), None)
+
+    @property
+    def structure_changed(self) -> bool:
+        return len({p.signature for p in self.passes}) > 1
+
+    # -- views --------------------------------------------------------------------------
+    def title(self) -> str:
+        parts = [f"autograd trace{' of ' + self.cell if self.cell else ''}"]
+        ops = len({n.op_id for n in self.nodes if n.kind == 'op'})
+        parts.append(f"{len(self.nodes)} tensors, {ops} ops")
+        count = len(self.passes)
+        if count:
+            text = f"{count} backward pass{'es' if count != 1 else ''}"
+            if count > 1:
+                text += ", graph of the last shown"
+                text += "; structure changed between passes" if self.structure_changed else "; same structure each pass"
+            parts.append(text)
+        else:
+            parts.append("no backward yet")
+        return " · ".join(parts)
+
+    @property
+    def digraph(self):
+        """The diagram as a ``graphviz.Digraph`` (what torchviz users know)."""
+        from ..render.dot import to_digraph
+
+        return to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes)
+
+    def to_dot(self) -> str:
+        """DOT source of the diagram; deterministic for the same code."""
+        return self.digraph.source
+
+    def svg(self) -> str:
+        """The diagram as SVG text, laid out in-process (no system Graphviz needed)."""
+        if self._svg is None:
+            from ..render.svg import render_svg
+
+            self._svg = render_svg(self.to_dot())
+        return self._svg
+
+    def text(self) -> str:
+        """Graph and gradient table as aligned text (what a terminal shows)."""
+        from ..render.text import gradient_lines, graph_lines
+
+        lines = [self.title()]
+        if self.error:
+            lines.append(f"  the code raised {self.error}; showing what ran")
+        lines.append("graph (inputs first):")
+        lines += graph_lines(self.nodes, self.max_nodes)
+        grads = gradient_lines(self.nodes, self.missing)
+        if grads:
+            lines.append("gradients:")
+            lines += grads
+        if len(self.passes) > 1 and self.grad_history:
+            lines.append("gradient norm per pass:")
+            for name, history in self.grad_history.items():
+                values = [v for _, v in history]
+                lines.append(f"  {name}: {sparkline(values)}  first {values[0]:.3g}, last {values[-1]:.3g}")
+        return "\n".join(lines)
+
+    def html(self) -> str:
+        """Diagram (inline SVG) and gradient table as one HTML fragment."""
+        from ..render.html import gradient_table
+
+        import html as html_module
+
+        note = f"<p><b>the code raised</b> {html_module.escape(self.error)}; showing what ran</p>" if self.error else ""
+        return f'<div class="torchmagic-trace">{note}{self.svg()}{gradient_table(self.nodes, self.missing)}</div>'
+
+    def save(self, path: str | Path) -> Path:
+        """Write the diagram as .svg, .dot/.gv or the text view as .txt, by the file's extension."""
+        path = Path(path)
+        kind = SAVE_FORMATS.get(path.suffix.lower())
+        if kind is None:
+            raise OptionError(f"cannot save a trace as {path.suffix or 'a file without extension'!r}: "
+                              f"use one of {', '.join(SAVE_FORMATS)}")
+        content = {"svg": self.svg, "dot": self.to_dot, "text": self.text}[kind]()
+        path.write_text(content, encoding="utf-8")
+        return path
+
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
+        def wanted(mime: str) -> bool:
+            return (include is None or mime in include) and not (exclude and mime in exclude)
+
+        bundle = {"text/plain": self.text()}
+        try:
+            if wanted("image/svg+xml"):
+                bundle["image/svg+xml"] = self.svg()
+            if wanted("text/html"):
+                bundle["text/html"] = self.html()
+        except Exception as error:  # layout failure: the text view still shows
+            bundle["text/plain"] += f"\n(diagram unavailable: {type(error).__name__}: {error})"
+        return bundle
+
+    def __repr__(self) -> str:
+        return self.text()
+
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    """``▁▂▅█`` for a list of numbers (log-free; NaN shown as ``!``)."""
+    finite = [v for v in values if v == v and abs(v) != float("inf")]
+    if not finite:
+        return "!" * len(values)
+    low, high = min(finite), max(finite)
+    span = high - low or 1.0
+    out = []
+    for v in values:
+        if v != v or abs(v) == float("inf"):
+            out.append("!")
+        else:
+            out.append(_SPARKS[min(7, int((v - low) / span * 7.999))])
+    return "".join(out)
