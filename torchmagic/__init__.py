@@ -9,6 +9,7 @@ from .trace import Trace
 __version__ = "0.1.0"
 
 _history: list[Trace] = []
+_last_conversion = None
 
 
 def trace(*, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16) -> Trace:
@@ -24,6 +25,28 @@ def last_trace() -> Trace | None:
     return _history[-1] if _history else None
 
 
+def last_conversion():
+    """The report (a ``ConversionReport``) of the most recent ``%tensor``/``%%tensor`` cell, or None."""
+    return _last_conversion
+
+
+def convert(value: Any, name: str = "", *, dtype=None, device=None, requires_grad: bool = False, copy: bool = False):
+    """Convert one list or ndarray the way ``%%tensor`` does; returns a ``Conversion`` saying what it did.
+
+    ``convert(arr).tensor`` is the tensor; ``.shares_memory`` and ``.copy_reason`` say how.
+    """
+    from . import convert as conversion
+    from .device import parse_device
+
+    options = conversion.ConversionOptions(
+        dtype=conversion.parse_dtype(dtype) if isinstance(dtype, str) else dtype,
+        device=parse_device(device) if isinstance(device, str) else device,
+        requires_grad=requires_grad,
+        copy=copy,
+    )
+    return conversion.convert(value, name, options)
+
+
 def load_ipython_extension(ipython: Any) -> None:
     from .magics import load
 
@@ -36,4 +59,4 @@ def unload_ipython_extension(ipython: Any) -> None:
     unload(ipython)
 
 
-__all__ = ["Trace", "last_trace", "load_ipython_extension", "trace", "unload_ipython_extension"]
+__all__ = ["Trace", "convert", "last_conversion", "last_trace", "load_ipython_extension", "trace", "unload_ipython_extension"]

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 BIND_NAME = "__torchmagic_bind__"
+LAST_EXPRESSION = "<last expression>"  # the name binders see for the cell's displayed value
 
 Binder = Callable[[str, Any], Any]
 
@@ -97,6 +98,15 @@ class AssignmentInstrumenter(ast.NodeTransformer):
 
     def visit_Module(self, node: ast.Module) -> ast.Module:
         node.body = self._instrument_body(node.body)
+        last = node.body[-1] if node.body else None
+        if isinstance(last, ast.Expr):
+            # the cell's last expression is shown as Out[N]: it passes through the binders too
+            call = ast.Call(func=ast.Name(id=BIND_NAME, ctx=ast.Load()),
+                            args=[ast.Constant(value=LAST_EXPRESSION), last.value], keywords=[])
+            last.value = ast.copy_location(call, last.value)
+            for child in ast.walk(call):
+                if not hasattr(child, "lineno"):
+                    ast.copy_location(child, last.value)
         return node
 
 
@@ -112,10 +122,14 @@ class BindDispatcher:
     value passes through unchanged, so a cell compiled while one was on still runs.
     """
 
+    ORDER = ("tensor", "trace")  # convert first, so the trace sees the tensor the cell will see
+
     def __init__(self) -> None:
         self.binders: dict[str, Binder] = {}
 
     def __call__(self, name: str, value: Any) -> Any:
-        for binder in list(self.binders.values()):
-            value = binder(name, value)
+        for key in self.ORDER:
+            binder = self.binders.get(key)
+            if binder is not None:
+                value = binder(name, value)
         return value

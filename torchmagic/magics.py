@@ -20,6 +20,8 @@ from traitlets import Int, TraitError, Unicode, validate
 import torchmagic
 
 from .assignments import BIND_NAME, AssignmentInstrumenter, BindDispatcher
+from . import device as devices
+from .convert import ConversionOptions, Converter, parse_dtype
 from .errors import TorchMagicError
 from .trace import Recorder, Trace
 from .trace.naming import default_cell_label
@@ -70,6 +72,8 @@ class TorchMagic(Magics):
         self.trace_on: dict[str, Any] | None = None  # the options of `%autograd_trace on`
         self._cell_recorder: Recorder | None = None  # the `on` mode's recording of the running cell
         self._pending: list[tuple[Any, list[str] | None]] = []  # shown after the cell
+        self.tensor_on: dict[str, Any] | None = None  # the options of `%tensor on`
+        self._cell_converter: Converter | None = None
 
     # -- shared machinery -------------------------------------------------------------
     def _labeler(self):
@@ -138,6 +142,9 @@ class TorchMagic(Magics):
 
     # -- events -------------------------------------------------------------------------
     def pre_run_cell(self, info: Any = None) -> None:
+        if self.tensor_on is not None and self._cell_converter is None:
+            self._cell_converter = Converter(self.tensor_on["conversion"])
+            self.dispatcher.binders["tensor"] = self._cell_converter
         if self.trace_on is not None and self._cell_recorder is None:
             recorder = Recorder(memory_budget=self.memory_budget, small_values=self.small_values)
             self.dispatcher.binders["trace"] = recorder.bind
@@ -147,6 +154,10 @@ class TorchMagic(Magics):
     def post_run_cell(self, result: Any = None) -> None:
         """Finish the `on` recording and show what the cell produced; never breaks the cell."""
         try:
+            converter, self._cell_converter = self._cell_converter, None
+            if converter is not None:
+                self.dispatcher.binders.pop("tensor", None)
+                self._deliver_conversions(converter, self.tensor_on or {"quiet": False})
             recorder, self._cell_recorder = self._cell_recorder, None
             if recorder is not None:
                 self._finish_on_recording(recorder, result)
@@ -271,6 +282,150 @@ class TorchMagic(Magics):
         return None
 
 
+    # -- %tensor ----------------------------------------------------------------------------
+    @no_var_expand
+    @magic_arguments()
+    @argument("expression", nargs="*", help="Line magic: on, off, or an expression whose value is converted "
+              "and returned (t = %%tensor [[1, 2], [3, 4]]).")
+    @argument("--dtype", default=None, help="dtype of the results (float32, int64, ...); a dtype change copies.")
+    @argument("--device", default=None, help="Put results on this device (a non-CPU device copies).")
+    @argument("--requires-grad", action="store_true", help="Results that are floating point require grad.")
+    @argument("--copy", action="store_true", help="Always copy ndarrays instead of sharing their memory.")
+    @argument("--quiet", action="store_true", help="Show no report.")
+    @line_cell_magic
+    def tensor(self, line: str, cell: str | None = None) -> Any:
+        """Turn the lists and NumPy arrays a cell assigns into tensors as it runs, and report it.
+
+        Each value bound by the cell's own statements is converted when it is assigned, so later
+        lines already see tensors. NumPy arrays share memory with the tensor (torch.from_numpy)
+        unless --copy, a dtype change, a non-CPU device or the array itself forces a copy; the
+        report says which, and why. Empty lists, tuples and anything else are left alone.
+        """
+        __tracebackhide__ = True  # noqa: F841
+        option_text, expression = _split_leading_options(line)
+        first, _, after = expression.partition(" ")
+        if first in ("on", "off"):  # `%tensor on --requires-grad`: options may follow the action
+            more_options, leftover = _split_leading_options(after)
+            if leftover:
+                raise UsageError(f"%tensor {first}: unexpected {leftover!r}")
+            option_text, expression = f"{option_text} {more_options}".strip(), first
+        args = parse_argstring(self.tensor, option_text)
+        try:
+            options = ConversionOptions(
+                dtype=parse_dtype(args.dtype) if args.dtype else None,
+                device=devices.parse_device(args.device) if args.device else None,
+                requires_grad=args.requires_grad,
+                copy=args.copy,
+            )
+        except TorchMagicError as error:
+            raise _usage_error(error) from error
+        settings = {"conversion": options, "quiet": args.quiet}
+        if cell is not None:
+            if expression:
+                raise UsageError(f"%%tensor takes options only, not {expression!r}")
+            converter = Converter(options)
+            previous = self.dispatcher.binders.get("tensor")
+            self.dispatcher.binders["tensor"] = converter
+            try:
+                return self.run_body(cell)
+            finally:
+                if previous is None:
+                    self.dispatcher.binders.pop("tensor", None)
+                else:
+                    self.dispatcher.binders["tensor"] = previous
+                self._deliver_conversions(converter, settings)
+        if expression in ("on", "off"):
+            self.tensor_on = settings if expression == "on" else None
+            if expression == "off":
+                self._cell_converter = None
+                self.dispatcher.binders.pop("tensor", None)
+            self._sync_transformer()
+            print(f"%tensor conversion is {expression}")
+            return None
+        if not expression:
+            raise UsageError("%tensor needs an expression, on or off (or use %%tensor on a cell)")
+        try:
+            value = eval(expression, self.shell.user_ns)
+        except SyntaxError as error:
+            raise UsageError(f"%tensor: not a Python expression: {error.msg}") from None
+        converter = Converter(options)
+        result = converter("<expression>", value)
+        if not converter.report.converted:
+            raise UsageError(f"%tensor: left {type(value).__name__} alone: "
+                             + (converter.report.conversions[0].note if converter.report.conversions else "not a list or ndarray"))
+        torchmagic._last_conversion = converter.report
+        return result
+
+    def _deliver_conversions(self, converter: Converter, settings: dict[str, Any]) -> None:
+        report = converter.report
+        torchmagic._last_conversion = report
+        if report and not settings.get("quiet"):
+            self._pending.append((report, None))
+
+    # -- %device ----------------------------------------------------------------------------
+    @no_var_expand
+    @magic_arguments()
+    @argument("spec", nargs="?", help="cpu, cuda, cuda:N, mps, meta or auto (cuda, then mps, then cpu). "
+              "Without it: show the devices.")
+    @argument("--move", action="store_true", help="Line magic: also move the tensors, modules and optimizer "
+              "state in the namespace to that device.")
+    @line_cell_magic
+    def device(self, line: str, cell: str | None = None) -> Any:
+        """See the devices, set the default device for new tensors, move data between devices.
+
+        %device shows the default device, versions, the CPU, CUDA devices and MPS.
+        %device SPEC sets the default device for the session; %%device SPEC for one cell
+        (the previous default comes back afterwards, also when the cell raises).
+        %device SPEC --move also moves what the namespace holds, each object all or nothing.
+        A non-CPU default device makes torch route every factory call through a mode that
+        fills in device=, a small cost on every torch call (see benchmarks/run.py).
+        """
+        __tracebackhide__ = True  # noqa: F841
+        args = parse_argstring(self.device, line)
+        if args.spec is None:
+            if cell is not None:
+                raise UsageError("%%device needs a device: %%device cuda, %%device meta, ...")
+            if args.move:
+                raise UsageError("--move needs a device: %device cuda --move")
+            self.show(devices.describe())
+            return None
+        try:
+            target = devices.parse_device(args.spec)
+        except TorchMagicError as error:
+            raise _usage_error(error) from error
+        if cell is not None:
+            if args.move:
+                raise UsageError("--move works with the line magic only (%device SPEC --move)")
+            with devices.default_device(target):
+                return self.run_body(cell)
+        self._set_default_device(target)
+        print(f"default device: {torch.get_default_device()}")
+        if args.move:
+            report = devices.move_namespace(self.shell.user_ns, target)
+            self.show(report)
+        return None
+
+    def _set_default_device(self, spec: Any) -> None:
+        target = devices.parse_device(spec) if isinstance(spec, str) else spec
+        devices.set_default_device(target)
+
+
+def _split_leading_options(line: str) -> tuple[str, str]:
+    """``--dtype float64 [[1, 2]]`` -> (``--dtype float64``, ``[[1, 2]]``): options come first."""
+    takes_value = {"--dtype", "--device"}
+    rest = line.strip()
+    options = []
+    while rest.startswith("-"):
+        token, _, rest = rest.partition(" ")
+        rest = rest.strip()
+        options.append(token)
+        if token in takes_value and "=" not in token:
+            value, _, rest = rest.partition(" ")
+            options.append(value)
+            rest = rest.strip()
+    return " ".join(options), rest
+
+
 _BIND_ATTR = "_torchmagic_magics"
 
 
@@ -299,8 +454,9 @@ def unload(shell: Any) -> None:
     finally:
         magics._discard_cell_recording()
         magics.trace_on = None
-        if hasattr(magics, "tensor_on"):
-            magics.tensor_on = None
+        magics.tensor_on = None
+        magics._cell_converter = None
+        magics.dispatcher.binders.clear()
         magics._sync_transformer()
         for event in _EVENTS:
             try:

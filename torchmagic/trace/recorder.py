@@ -285,7 +285,7 @@ class Recorder:
 
     def bind(self, name: str, value: Any, location: Location | None = None) -> Any:
         """Note that the user bound ``name`` to ``value`` (the assignment hook calls this)."""
-        if not isinstance(value, torch.Tensor):
+        if not isinstance(value, torch.Tensor) or name.startswith("<"):
             return value
         if location is None:
             location = user_location()

@@ -1,0 +1,304 @@
+"""Lists and ndarrays become tensors, with a record of what was copied and what shares memory.
+
+``torch.from_numpy`` shares the ndarray's memory; ``torch.tensor`` copies. ``convert`` picks
+sharing whenever it is possible and safe, and says why when it copies. Nothing here imports
+IPython.
+"""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import OptionError
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """What happened to one value: converted (``tensor`` set) or left alone (``reason`` says why)."""
+
+    name: str
+    source: str  # "list", "ndarray", "numpy scalar", or the type name
+    source_shape: tuple[int, ...] | None
+    source_dtype: str | None
+    tensor: torch.Tensor | None = None
+    shares_memory: bool = False
+    copy_reason: str | None = None  # why it was copied (None when it shares memory or came from a list)
+    note: str | None = None  # e.g. requires_grad not applied, or why a near miss was left alone
+
+    @property
+    def converted(self) -> bool:
+        return self.tensor is not None
+
+    @property
+    def memory(self) -> str:
+        if not self.converted:
+            return ""
+        if self.shares_memory:
+            return "shares memory with the ndarray"
+        if self.copy_reason:
+            return f"copied: {self.copy_reason}"
+        return "new tensor (a list has no memory to share)"
+
+
+@dataclass(frozen=True)
+class ConversionOptions:
+    dtype: torch.dtype | None = None
+    device: torch.device | None = None
+    requires_grad: bool = False
+    copy: bool = False
+
+
+_DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float16", "bfloat16", "float32", "float64", "half", "float", "double",
+        "int8", "int16", "int32", "int64", "uint8", "bool", "long", "int", "short",
+        "complex64", "complex128",
+    )
+}
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    """``float32``, ``torch.float32`` or ``float`` -> ``torch.float32``; OptionError lists the choices."""
+    key = text.strip().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise OptionError(f"unknown dtype {text!r}; choose one of {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[key]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (bool, numbers.Real)) and not isinstance(value, np.ndarray)
+
+
+def _list_shape(value: list) -> tuple[tuple[int, ...] | None, str | None]:
+    """(shape, None) for a rectangular nested list of numbers, else (None, why not)."""
+    shape: list[int] = []
+    level: list = [value]
+    while True:
+        lists = [isinstance(v, list) for v in level]
+        if all(lists):
+            lengths = {len(v) for v in level}
+            if len(lengths) != 1:
+                return None, "ragged list (rows of different lengths)"
+            length = lengths.pop()
+            if length == 0:
+                return None, "contains an empty list" if shape else "empty list"
+            shape.append(length)
+            level = [item for v in level for item in v]
+            continue
+        if any(lists):
+            return None, "ragged list (numbers mixed with lists)"
+        for item in level:
+            if item is None:
+                return None, "list contains None"
+            if isinstance(item, str):
+                return None, "list of strings"
+            if isinstance(item, torch.Tensor):
+                return None, "list of tensors (use torch.stack)"
+            if isinstance(item, complex):
+                continue
+            if not _is_number(item) and not isinstance(item, np.generic):
+                return None, f"list contains {type(item).__name__}"
+        return tuple(shape), None
+
+
+def _dtype_str(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def convert(value: Any, name: str = "", options: ConversionOptions | None = None) -> Conversion:
+    """Convert one value the way ``%%tensor`` does, and say what happened.
+
+    Lists of numbers follow torch's dtype rules (ints -> int64, floats -> float32, bools ->
+    bool) unless a dtype is given. NumPy arrays share memory unless a copy is asked for or
+    forced; every copy says why.
+    """
+    options = options or ConversionOptions()
+    if isinstance(value, np.ndarray):
+        return _convert_array(value, name, options, "ndarray")
+    if isinstance(value, np.generic):
+        if value.dtype.kind in "biufc":
+            result = _convert_array(np.array(value), name, options, "numpy scalar")
+            return replace(result, shares_memory=False, copy_reason=result.copy_reason or "a NumPy scalar is a value, with no memory to share")
+        return Conversion(name, "numpy scalar", (), str(value.dtype), note=f"numpy {value.dtype} is not numeric")
+    if isinstance(value, list):
+        return _convert_list(value, name, options)
+    if isinstance(value, tuple):
+        return Conversion(name, "tuple", None, None, note="tuples are left alone (usually shapes)")
+    return Conversion(name, type(value).__name__, None, None, note="not a list or ndarray")
+
+
+def _finish(tensor: torch.Tensor, options: ConversionOptions) -> tuple[torch.Tensor, str | None]:
+    note = None
+    if options.requires_grad:
+        if tensor.is_floating_point() or tensor.is_complex():
+            tensor.requires_grad_(True)
+        else:
+            note = f"requires_grad not set: {_dtype_str(tensor.dtype)} tensors cannot require grad"
+    return tensor, note
+
+
+def _convert_list(value: list, name: str, options: ConversionOptions) -> Conversion:
+    shape, why_not = _list_shape(value)
+    if why_not is not None:
+        return Conversion(name, "list", None, None, note=why_not)
+    try:
+        tensor = torch.tensor(value, dtype=options.dtype, device=_device(options))
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        return Conversion(name, "list", shape, None, note=f"torch cannot convert it: {error}")
+    tensor, note = _finish(tensor, options)
+    return Conversion(name, "list", shape, None, tensor=tensor, note=note)
+
+
+def _device(options: ConversionOptions) -> torch.device:
+    # explicit, so the result lands where the report says whatever the default device is
+    return options.device if options.device is not None else torch.device("cpu")
+
+
+def _convert_array(array: np.ndarray, name: str, options: ConversionOptions, source: str) -> Conversion:
+    shape, dtype_text = tuple(array.shape), str(array.dtype)
+    if array.dtype.kind not in "biufc":
+        return Conversion(name, source, shape, dtype_text, note=f"{array.dtype} arrays are left alone (not numeric)")
+    reasons = []
+    if options.copy:
+        reasons.append("--copy asked for a copy")
+    if not array.dtype.isnative:
+        reasons.append("non-native byte order")
+    if any(stride < 0 for stride in array.strides):
+        reasons.append("negative strides")
+    if not array.flags.writeable:
+        reasons.append("the array is read-only")
+    if array.dtype == np.uint16 or array.dtype == np.uint32 or array.dtype == np.uint64:
+        reasons.append(f"torch has limited support for {array.dtype}")
+    target_device = _device(options)
+    if target_device.type != "cpu":
+        reasons.append(f"device {target_device} is not the CPU")
+    if reasons:
+        contiguous = np.ascontiguousarray(array)
+        if not contiguous.dtype.isnative:
+            contiguous = contiguous.astype(contiguous.dtype.newbyteorder("="))
+        if contiguous.dtype in (np.uint16, np.uint32, np.uint64):
+            contiguous = contiguous.astype(np.int64)
+        base = torch.from_numpy(np.array(contiguous, copy=True))
+    else:
+        base = torch.from_numpy(array)
+    tensor = base
+    if options.dtype is not None and options.dtype != tensor.dtype:
+        tensor = tensor.to(options.dtype)
+        reasons.append(f"dtype change {_dtype_str(base.dtype)} -> {_dtype_str(options.dtype)}")
+    if target_device.type != "cpu":
+        tensor = tensor.to(target_device)
+    shares = not reasons
+    tensor, note = _finish(tensor, options)
+    return Conversion(name, source, shape, dtype_text, tensor=tensor, shares_memory=shares,
+                      copy_reason="; ".join(reasons) if reasons else None, note=note)
+
+
+def is_near_miss(conversion: Conversion) -> bool:
+    """Left alone, but it looked like data the user may have meant to convert."""
+    return not conversion.converted and conversion.source in ("list", "ndarray", "numpy scalar") \
+        and conversion.note not in (None, "empty list")
+
+
+def _shape(shape: tuple[int, ...] | None) -> str:
+    if shape is None:
+        return ""
+    return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+
+
+@dataclass
+class ConversionReport:
+    """What one converting cell did: the conversions, and the near misses left alone."""
+
+    conversions: list[Conversion]
+    repeats: dict[str, int] = field(default_factory=dict)  # name -> times it was converted (loops)
+
+    @property
+    def converted(self) -> list[Conversion]:
+        return [c for c in self.conversions if c.converted]
+
+    @property
+    def near_misses(self) -> list[Conversion]:
+        return [c for c in self.conversions if is_near_miss(c)]
+
+    def __bool__(self) -> bool:
+        return bool(self.converted or self.near_misses)
+
+    def rows(self) -> list[tuple[str, str, str, str]]:
+        rows = []
+        for c in self.converted:
+            t = c.tensor
+            was = f"{c.source} {_shape(c.source_shape)}" + (f" {c.source_dtype}" if c.source_dtype else "")
+            became = f"tensor {_shape(tuple(t.shape))} {_dtype_str(t.dtype)} {t.device}"
+            if t.requires_grad:
+                became += " requires_grad"
+            memory = c.memory + (f" ({c.note})" if c.note else "")
+            times = self.repeats.get(c.name, 1)
+            rows.append((c.name + (f" (x{times})" if times > 1 else ""), was, became, memory))
+        return rows
+
+    def text(self) -> str:
+        lines = []
+        rows = self.rows()
+        if rows:
+            header = ("name", "was", "became", "memory")
+            widths = [max(len(r[i]) for r in [header, *rows]) for i in range(4)]
+            lines += ["  ".join(cell.ljust(widths[i]) for i, cell in enumerate(r)).rstrip() for r in [header, *rows]]
+        if self.near_misses:
+            lines.append("left alone:")
+            lines += [f"  {c.name}: {c.source}, {c.note}" for c in self.near_misses]
+        return "\n".join(lines) if lines else "nothing converted"
+
+    def html(self) -> str:
+        import html as html_module
+
+        esc = html_module.escape
+        parts = []
+        rows = self.rows()
+        if rows:
+            parts.append("<table class='torchmagic-conversions'><thead><tr>"
+                         "<th>name</th><th>was</th><th>became</th><th>memory</th></tr></thead><tbody>")
+            for row in rows:
+                parts.append("<tr>" + "".join(f"<td style='text-align:left'>{esc(cell)}</td>" for cell in row) + "</tr>")
+            parts.append("</tbody></table>")
+        if self.near_misses:
+            parts.append("<p><b>left alone</b></p><ul>")
+            parts += [f"<li>{esc(c.name)}: {esc(c.source)}, {esc(c.note or '')}</li>" for c in self.near_misses]
+            parts.append("</ul>")
+        return "".join(parts) or "<p>nothing converted</p>"
+
+    def _repr_mimebundle_(self, include=None, exclude=None):
+        bundle = {"text/plain": self.text()}
+        if include is None or "text/html" in include:
+            bundle["text/html"] = self.html()
+        return bundle
+
+    def __repr__(self) -> str:
+        return self.text()
+
+
+class Converter:
+    """The binder ``%%tensor`` installs: converts each bound value and keeps the report."""
+
+    def __init__(self, options: ConversionOptions) -> None:
+        self.options = options
+        self.report = ConversionReport([])
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if not isinstance(value, (list, np.ndarray, np.generic)):
+            return value  # the fast path: most bindings are not data
+        conversion = convert(value, name, self.options)
+        if conversion.converted or is_near_miss(conversion):
+            conversions = self.report.conversions
+            # a name assigned in a loop is reported once, with how many times it was converted
+            previous = next((i for i, c in enumerate(conversions) if c.name == name), None)
+            if previous is not None:
+                del conversions[previous]
+                self.report.repeats[name] = self.report.repeats.get(name, 1) + 1
+            conversions.append(conversion)
+        return conversion.tensor if conversion.converted else value
