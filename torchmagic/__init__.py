@@ -30,10 +30,10 @@ def last_conversion():
     return _last_conversion
 
 
-def convert(value: Any, name: str = "", *, dtype=None, device=None, requires_grad: bool = False, copy: bool = False):
+def to_tensor(value: Any, name: str = "", *, dtype=None, device=None, requires_grad: bool = False, copy: bool = False):
     """Convert one list or ndarray the way ``%%tensor`` does; returns a ``Conversion`` saying what it did.
 
-    ``convert(arr).tensor`` is the tensor; ``.shares_memory`` and ``.copy_reason`` say how.
+    ``to_tensor(arr).tensor`` is the tensor; ``.shares_memory`` and ``.copy_reason`` say how.
     """
     from . import convert as conversion
     from .device import parse_device
@@ -59,4 +59,4 @@ def unload_ipython_extension(ipython: Any) -> None:
     unload(ipython)
 
 
-__all__ = ["Trace", "convert", "last_conversion", "last_trace", "load_ipython_extension", "trace", "unload_ipython_extension"]
+__all__ = ["Trace", "last_conversion", "to_tensor", "last_trace", "load_ipython_extension", "trace", "unload_ipython_extension"]

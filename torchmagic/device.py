@@ -70,9 +70,20 @@ def parse_device(spec: str) -> torch.device:
     return device
 
 
-def set_default_device(device: torch.device | str) -> torch.device:
-    """Make ``device`` the default for new tensors; returns the previous default."""
-    previous = torch.get_default_device()
+def global_default() -> torch.device | None:
+    """The session-wide default set by ``torch.set_default_device`` (None: torch's own CPU default)."""
+    context = getattr(getattr(torch, "_GLOBAL_DEVICE_CONTEXT", None), "device_context", None)
+    return None if context is None else context.device
+
+
+def set_default_device(device: torch.device | str | None) -> torch.device | None:
+    """Make ``device`` the default for new tensors; returns the previous setting for restoring.
+
+    The CPU is set as ``None``: torch then needs no mode on its stack (and adds no per-call cost).
+    """
+    previous = global_default()
+    if device is not None and torch.device(device) == torch.device("cpu"):
+        device = None
     torch.set_default_device(device)
     return previous
 

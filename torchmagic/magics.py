@@ -132,12 +132,16 @@ class TorchMagic(Magics):
 
     # -- load and unload --------------------------------------------------------------
     def on_load(self) -> None:
-        self._device_at_load = torch.get_default_device()
+        self._device_at_load = devices.global_default()
         if self.default_device:
-            self._set_default_device(self.default_device)
+            try:
+                self._set_default_device(self.default_device)
+            except TorchMagicError as error:
+                print(f"torchmagic: TorchMagic.default_device not applied: {error}")
 
     def on_unload(self) -> None:
-        if torch.get_default_device() != self._device_at_load:
+        """Put back the default device the session had before the extension loaded."""
+        if devices.global_default() != self._device_at_load:
             torch.set_default_device(self._device_at_load)
 
     # -- events -------------------------------------------------------------------------

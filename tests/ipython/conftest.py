@@ -43,6 +43,7 @@ def shell():
     config.HistoryManager.hist_file = ":memory:"
     ip = InteractiveShell.instance(config=config)
     ip.display_pub = CapturingDisplayPublisher()
+    ip.run_line_magic("colors", "nocolor")
     ip.run_cell("%load_ext torchmagic")
     try:
         yield Shell(ip)

@@ -1,0 +1,169 @@
+"""%autograd_trace as a user types it, through an IPython shell."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from IPython.core.error import UsageError
+
+import torchmagic
+
+SEED = """%%autograd_trace
+import torch
+x = torch.ones(2, 2, requires_grad=True)
+y = x + 2
+z = y * y * 3
+out = z.mean()
+out.backward()
+"""
+
+
+def test_cell_magic_shows_svg_and_text_with_the_seed_gradients(shell):
+    shell.run(SEED)
+    (bundle,) = [o["data"] for o in shell.outputs]
+    assert {"text/plain", "image/svg+xml", "text/html"} <= set(bundle)
+    assert bundle["image/svg+xml"].startswith("<svg")
+    assert "grad [[4.5, 4.5], [4.5, 4.5]]" in bundle["text/plain"]
+    assert "grad [[0.25, 0.25], [0.25, 0.25]]" in bundle["text/plain"]
+    for label in (">x<", ">y<", ">z<", ">out<", "4.5", "0.25"):
+        assert label in bundle["image/svg+xml"]
+    assert "<table" in bundle["text/html"] and "<svg" in bundle["text/html"]
+    t = torchmagic.last_trace()
+    assert str(t.node("z").source).endswith("line 5: z = y * y * 3")  # the magic's line is line 1
+    assert t.node("z").source.cell.startswith("In [")
+
+
+def test_terminal_gets_text_only(shell):
+    shell.ip.display_formatter.active_types = ["text/plain"]
+    shell.run(SEED)
+    (bundle,) = [o["data"] for o in shell.outputs]
+    assert set(bundle) == {"text/plain"}
+    assert "graph (inputs first):" in bundle["text/plain"] and "at 0x" not in bundle["text/plain"]
+
+
+def test_text_option_and_save(shell, tmp_path):
+    target = tmp_path / "trace.dot"
+    shell.run(f"%%autograd_trace --text --save {target}\nimport torch\nx = torch.ones(2, requires_grad=True)\n(x * 2).sum().backward()")
+    (bundle,) = [o["data"] for o in shell.outputs]
+    assert set(bundle) == {"text/plain"}
+    assert target.read_text().startswith("digraph autograd_trace")
+
+
+def test_last_expression_is_returned_once(shell):
+    result = shell.run("%%autograd_trace\nimport torch\nx = torch.ones(2, requires_grad=True)\n(x * 3).sum()")
+    assert isinstance(result.result, torch.Tensor) and result.result.item() == 6.0
+    assert torchmagic.last_trace().node("x").missing_reason == "backward not called yet"
+
+
+def test_graph_first_then_gradients_in_a_later_cell(shell):
+    shell.run("%autograd_trace on")
+    shell.run("import torch\nx = torch.ones(2, requires_grad=True)\ny = x * 2\nout = y.sum()")
+    first = torchmagic.last_trace()
+    assert first.node("y").grad is None
+    shell.run("out.backward()")
+    second = torchmagic.last_trace()
+    assert second is not first and torch.equal(second.grad("y"), torch.ones(2))
+    shell.run("%autograd_trace off")
+
+
+def test_on_mode_labels_every_step_of_a_loop(shell):
+    shell.run("%autograd_trace on --text")
+    shell.run("import torch\nx = torch.ones(2, requires_grad=True)\nh = x\nfor _ in range(3):\n    h = torch.tanh(h)\nh.sum().backward()")
+    t = torchmagic.last_trace()
+    assert [n.name for n in t.nodes if n.op == "tanh"] == ["h (1)", "h (2)", "h (3)"]
+    assert t.node("x").kind == "leaf"
+    shell.run("%autograd_trace status")
+    shell.run("%autograd_trace off")
+    shell.run("y = x * 5")
+    assert torchmagic.last_trace() is t  # nothing traced once off
+
+
+def test_show_repeats_the_last_trace(shell):
+    shell.run(SEED)
+    shell.run("%autograd_trace show --text")
+    assert "grad [[4.5, 4.5], [4.5, 4.5]]" in shell.displayed()[0]
+
+
+def test_error_in_the_cell_shows_user_traceback_and_partial_graph(shell, capsys):
+    shell.run("%%autograd_trace\nimport torch\na = torch.ones(2, requires_grad=True)\nb = a * 2\n1 / 0",
+              expect_error=ZeroDivisionError)
+    err = capsys.readouterr().out
+    assert "----> 5 1 / 0" in err and "torchmagic/magics.py" not in err
+    t = torchmagic.last_trace()
+    assert t.error.startswith("ZeroDivisionError") and [n.name for n in t.nodes] == ["a", "b"]
+
+
+def test_keyboard_interrupt_leaves_nothing_behind(shell):
+    shell.run("%%autograd_trace\nimport torch\na = torch.ones(2, requires_grad=True)\nb = a * 2\nraise KeyboardInterrupt",
+              expect_error=KeyboardInterrupt)
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_syntax_error_in_on_mode_is_harmless(shell):
+    shell.run("%autograd_trace on")
+    shell.run("x = = 1", expect_error=SyntaxError)
+    shell.run("%autograd_trace off")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("%autograd_trace --max-nodes x", "invalid int value"),
+    ("%autograd_trace bogus", "invalid choice"),
+    ("%autograd_trace", "needs on, off, status or show"),
+    ("%autograd_trace on --save out.png", "cannot write 'out.png'"),
+    ("%autograd_trace --max-nodes 0 on", "at least 1"),
+])
+def test_bad_input_is_one_usage_line_and_changes_nothing(shell, capsys, line, message):
+    capsys.readouterr()
+    shell.run(line, expect_error=UsageError)
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert message in text and "Traceback" not in text
+    assert shell.ip._torchmagic_magics.trace_on is None
+
+
+def test_usage_lists_every_option(shell):
+    doc = shell.ip.find_line_magic("autograd_trace").__doc__
+    for option in ("--max-nodes", "--save", "--text", "on", "off", "status", "show"):
+        assert option in doc
+
+
+def test_config_traits(shell):
+    shell.run("%config TorchMagic.max_nodes = 3")
+    assert shell.ip._torchmagic_magics.max_nodes == 3
+    shell.run("%config TorchMagic.max_nodes = 0")  # %config logs the validation error
+    assert shell.ip._torchmagic_magics.max_nodes == 3
+    shell.run("%config TorchMagic")
+    help_text = shell.ip._torchmagic_magics.class_get_help()
+    for option in ("max_nodes", "small_values", "memory_budget", "history_size", "default_device"):
+        assert f"TorchMagic.{option}" in help_text
+
+
+def test_reload_leaves_one_copy_of_each_callback_and_unload_removes_all(shell):
+    shell.run("%reload_ext torchmagic")
+    shell.run("%reload_ext torchmagic")
+    callbacks = shell.ip.events.callbacks["post_run_cell"]
+    assert len([c for c in callbacks if getattr(c, "__self__", None).__class__.__name__ == "TorchMagic"]) == 1
+    shell.run("%autograd_trace on")
+    shell.run("%unload_ext torchmagic")
+    assert "__torchmagic_bind__" not in shell.ip.user_ns
+    assert not any(getattr(c, "__self__", None).__class__.__name__ == "TorchMagic"
+                   for c in shell.ip.events.callbacks["post_run_cell"])
+    assert shell.ip.find_line_magic("autograd_trace") is None
+    assert not [t for t in shell.ip.ast_transformers if type(t).__name__ == "AssignmentInstrumenter"]
+    shell.run("%load_ext torchmagic")
+
+
+def test_nn_module_training_step_names_parameters(shell):
+    shell.run("import torch\ntorch.manual_seed(0)\nmodel = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))\n"
+              "opt = torch.optim.SGD(model.parameters(), lr=0.1)")
+    shell.run("%%autograd_trace\nx = torch.randn(5, 4)\nloss = model(x).pow(2).mean()\nopt.zero_grad()\nloss.backward()\nopt.step()")
+    t = torchmagic.last_trace()
+    assert {"model.0.weight", "model.2.bias"} <= set(t.names)
+    svg = shell.outputs[0]["data"]["image/svg+xml"]
+    assert "model.0.weight" in svg
+
+
+def test_user_text_is_escaped_in_html_and_dot(shell):
+    shell.run('%%autograd_trace\nimport torch\nx = torch.ones(2, requires_grad=True)\ny = x * 2  # <script>alert("&")</script>\ny.sum().backward()')
+    html = shell.outputs[0]["data"]["text/html"]
+    assert "<script>" not in html and "&lt;script&gt;" in html
