@@ -124,8 +124,13 @@ def to_digraph(nodes: Sequence[TraceNode], *, title: str = "", max_nodes: int = 
             continue
         merged = [n for n in visible if not n.is_tensor_shown]
         detail = merged[0] if len(merged) == 1 and len(outputs) == 1 else None
-        op_style = _style(detail, OP_FILL) if detail is not None else {"style": "filled", "fillcolor": OP_FILL}
-        graph.node(f"o{op_id}", _rows(first.op, detail, False), shape="ellipse",
+        if detail is not None:  # an op with its unnamed output folded in: a rounded box
+            op_style = _style(detail, OP_FILL)
+            op_style["style"] = "rounded," + op_style["style"]
+            shape = "box"
+        else:
+            op_style, shape = {"style": "filled", "fillcolor": OP_FILL}, "ellipse"
+        graph.node(f"o{op_id}", _rows(first.op, detail, False), shape=shape,
                    tooltip=_tooltip(detail or first), **op_style)
         for node in visible:
             if node.is_tensor_shown:
