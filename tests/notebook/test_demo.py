@@ -1,0 +1,35 @@
+"""demo.ipynb executed headless: no errors, an SVG diagram in every traced cell, HTML keeps them."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+pytestmark = pytest.mark.notebook
+
+
+def test_demo_runs_and_keeps_its_diagrams(tmp_path):
+    from run_demo import run
+
+    html_path = run(ROOT / "demo.ipynb", tmp_path)
+    notebook = nbformat.read(tmp_path / "demo.ipynb", as_version=4)
+    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    assert errors == []
+    traced = [c for c in notebook.cells if c.cell_type == "code"
+              and (c.source.startswith("%%autograd_trace") or "loss.backward()" in c.source and "opt.step()" in c.source)]
+    assert len(traced) == 5
+    for cell in traced:
+        svgs = [o for o in cell.outputs if o.output_type == "display_data" and "image/svg+xml" in o["data"]]
+        assert svgs, f"no diagram under: {cell.source[:40]!r}"
+    stderr = [o.text for c in notebook.cells if c.cell_type == "code" for o in c.outputs
+              if o.output_type == "stream" and o.name == "stderr"]
+    assert not any("Fontconfig" in s for s in stderr)
+    html = html_path.read_text()
+    assert html.count("<svg") >= 5 and "<script" not in html
+    assert "grad [[0.25, 0.25], [0.25, 0.25]]" in html and "first NaN/Inf gradient here" in html
