@@ -143,14 +143,28 @@ def _finish(tensor: torch.Tensor, options: ConversionOptions) -> tuple[torch.Ten
     return tensor, note
 
 
+def _first_leaf(value: list) -> Any:
+    while isinstance(value, list) and value:
+        value = value[0]
+    return value
+
+
 def _convert_list(value: list, name: str, options: ConversionOptions) -> Conversion:
-    shape, why_not = _list_shape(value)
-    if why_not is not None:
-        return Conversion(name, "list", None, None, note=why_not)
-    try:
-        tensor = torch.tensor(value, dtype=options.dtype, device=_device(options))
-    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
-        return Conversion(name, "list", shape, None, note=f"torch cannot convert it: {error}")
+    # torch.tensor checks shape and types in C; the Python walk only runs to explain a refusal
+    leaf = _first_leaf(value)
+    if isinstance(leaf, list) or not (_is_number(leaf) or isinstance(leaf, (complex, np.generic))):
+        tensor = None
+    else:
+        try:
+            tensor = torch.tensor(value, dtype=options.dtype, device=_device(options))
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            tensor, torch_error = None, error
+    if tensor is None:
+        shape, why_not = _list_shape(value)
+        if why_not is None:
+            why_not = f"torch cannot convert it: {torch_error}"
+        return Conversion(name, "list", shape, None, note=why_not)
+    shape = tuple(tensor.shape)
     tensor, note = _finish(tensor, options)
     return Conversion(name, "list", shape, None, tensor=tensor, note=note)
 

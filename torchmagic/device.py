@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import html
 import os
-from collections.abc import Iterator, Mapping, MutableMapping
+from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any
 

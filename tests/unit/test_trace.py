@@ -147,7 +147,7 @@ def test_in_place_op_is_recorded_under_its_name():
 def test_reasons_for_missing_gradients():
     with torchmagic.trace() as t:
         used = torch.ones(2, requires_grad=True)
-        unused = torch.ones(2, requires_grad=True)
+        unused = torch.ones(2, requires_grad=True)  # noqa: F841 - the trace names it
         frozen = torch.ones(2, requires_grad=True)
         cut = torch.ones(2, requires_grad=True)
         with torch.no_grad():
@@ -255,7 +255,7 @@ def test_an_exception_inside_the_block_still_gives_a_trace_and_cleans_up():
     with pytest.raises(ZeroDivisionError):
         with torchmagic.trace() as t:
             x = torch.ones(2, requires_grad=True)
-            y = x * 2
+            y = x * 2  # noqa: F841 - the trace names it
             1 / 0
     assert t.error.startswith("ZeroDivisionError")
     assert [n.name for n in t.nodes] == ["x", "y"]

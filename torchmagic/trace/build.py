@@ -161,20 +161,11 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
             nodes.append(trace_node)
 
     _label_rebound_names(nodes)
-    kept_ids = list(grad_tensors)
-    for trace_id, summary in zip(kept_ids, summarize_many([grad_tensors[i] for i in kept_ids], recorder.small_values)):
-        summaries[trace_id] = summary
-    origin = None
-    for trace_id, summary in summaries.items():
-        node = nodes[trace_id]
-        node.grad = summary
-        node.grad_seq = seqs[trace_id]
-        if node.shape is None:
-            node.shape = summary.shape
-        if not summary.finite and (origin is None or seqs[trace_id] < seqs[origin]):
-            origin = trace_id
-    if origin is not None:
-        nodes[origin].nonfinite_origin = True
+    for trace_id, summary in summaries.items():  # over the memory budget: summarised in the hook
+        nodes[trace_id].grad = summary
+        nodes[trace_id].grad_seq = seqs[trace_id]
+    for trace_id in grad_tensors:
+        nodes[trace_id].grad_seq = seqs[trace_id]
 
     missing = _missing_leaves(recorder, names, in_graph_leaves, labeler)
     passes = [
@@ -235,3 +226,22 @@ def _missing_leaves(recorder: Recorder, names: NamespaceNames, in_graph: set[int
         location = info.location or (info.names[0][1] if info.names else None)
         missing.append(MissingGradient(label, tuple(info.tensor.shape), reason, source_line(location, labeler)))
     return missing
+
+
+def summarize_gradients(nodes: list[TraceNode], grad_tensors: dict[int, torch.Tensor], small_values: int) -> None:
+    """Fill in each node's gradient statistics and mark the first non-finite gradient.
+
+    Deferred until a view or ``t.nodes`` needs it: reading every gradient costs memory
+    bandwidth comparable to the backward pass itself, and a script may never look.
+    """
+    kept = list(grad_tensors)
+    for trace_id, summary in zip(kept, summarize_many([grad_tensors[i] for i in kept], small_values)):
+        nodes[trace_id].grad = summary
+        if nodes[trace_id].shape is None:
+            nodes[trace_id].shape = summary.shape
+    origin = None
+    for node in nodes:
+        if node.grad is not None and not node.grad.finite and (origin is None or node.grad_seq < origin.grad_seq):
+            origin = node
+    if origin is not None:
+        origin.nonfinite_origin = True

@@ -13,7 +13,7 @@ def _as_real(tensor: torch.Tensor) -> torch.Tensor:
     tensor = tensor.detach()
     if tensor.is_complex():
         tensor = tensor.abs()
-    if tensor.dtype != torch.float64:
+    if tensor.dtype not in (torch.float64, torch.float32):
         tensor = tensor.float()
     return tensor
 
@@ -24,46 +24,47 @@ def summarize(tensor: torch.Tensor, small_values: int = 16) -> GradientSummary:
 
 
 def summarize_many(tensors: list[torch.Tensor], small_values: int = 16) -> list[GradientSummary]:
-    """Statistics of many tensors, grouped by device so each group costs a handful of kernels.
+    """Statistics of many tensors, grouped by (device, size) so each group costs a handful of kernels.
 
     Per-tensor reductions would cost several small kernels per tensor, which dominates for
-    graphs of many small ops; instead each group is flattened into one vector and reduced by
-    segment.
+    graphs of many small ops; a group of equal-sized gradients is stacked into one matrix and
+    reduced along its rows instead.
     """
     results: list[GradientSummary | None] = [None] * len(tensors)
-    groups: dict[torch.device, list[int]] = defaultdict(list)
+    groups: dict[tuple[torch.device, int], list[int]] = defaultdict(list)
     for i, tensor in enumerate(tensors):
         if tensor.numel() == 0:
             results[i] = GradientSummary(tuple(tensor.shape), 0, float("nan"), float("nan"),
                                          float("nan"), 0.0, 0, 0, [] if small_values else None)
         else:
-            groups[tensor.device].append(i)
+            groups[(tensor.device, tensor.numel())].append(i)
     for indices in groups.values():
-        flats = [_as_real(tensors[i]).reshape(-1) for i in indices]
-        dtype = torch.float64 if any(f.dtype == torch.float64 for f in flats) else torch.float32
-        data = torch.cat([f.to(dtype) for f in flats])
-        lengths = torch.tensor([f.numel() for f in flats], device=data.device)
-        sums = torch.segment_reduce(data, "sum", lengths=lengths)
-        maxs = torch.segment_reduce(data, "max", lengths=lengths)
-        mins = torch.segment_reduce(data, "min", lengths=lengths)
-        squares = torch.segment_reduce(data * data, "sum", lengths=lengths)
-        nans = torch.segment_reduce(torch.isnan(data).to(dtype), "sum", lengths=lengths)
-        infs = torch.segment_reduce(torch.isinf(data).to(dtype), "sum", lengths=lengths)
-        stacked = torch.stack([sums, maxs, mins, squares, nans, infs]).cpu().tolist()
+        rows = [_as_real(tensors[i]).reshape(-1) for i in indices]
+        dtype = torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
+        data = torch.stack([r if r.dtype == dtype else r.to(dtype) for r in rows])
+        stats = torch.stack([
+            data.sum(1),
+            data.amax(1),
+            data.amin(1),
+            torch.linalg.vector_norm(data, dim=1),
+            torch.isnan(data).sum(1).to(dtype),
+            torch.isinf(data).sum(1).to(dtype),
+        ]).cpu().tolist()
+        small = data.cpu().tolist() if data.shape[1] <= small_values else None
         for j, i in enumerate(indices):
             tensor = tensors[i]
             numel = tensor.numel()
-            total, high, low, square, nan_count, inf_count = (row[j] for row in stacked)
+            total, high, low, norm, nan_count, inf_count = (row[j] for row in stats)
             values = None
-            if numel <= small_values:
-                values = _as_real(tensor).cpu().tolist()
+            if small is not None:
+                values = torch.tensor(small[j]).reshape(tensor.shape).tolist() if tensor.dim() else small[j][0]
             results[i] = GradientSummary(
                 shape=tuple(tensor.shape),
                 numel=numel,
                 mean=total / numel,
                 min=low,
                 max=high,
-                norm=square**0.5,
+                norm=norm,
                 nan_count=int(nan_count),
                 inf_count=int(inf_count),
                 values=values,

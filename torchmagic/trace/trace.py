@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
-from .build import build
+from .build import build, summarize_gradients
 from .model import MissingGradient, PassInfo, TraceNode
 from .naming import Labeler
 from .recorder import Recorder
@@ -35,7 +35,8 @@ class Trace:
         self.memory_budget = memory_budget
         self.small_values = small_values
         self.cell = cell
-        self.nodes: list[TraceNode] = []
+        self._nodes: list[TraceNode] = []
+        self._stats_done = True
         self.missing: list[MissingGradient] = []
         self.passes: list[PassInfo] = []
         self.grad_history: dict[str, list[tuple[int, float]]] = {}
@@ -53,7 +54,8 @@ class Trace:
              extra_roots: list[torch.Tensor] = ()) -> Trace:
         """Take over what ``recorder`` saw (it is released afterwards)."""
         data = build(recorder, namespace, labeler, extra_roots)
-        self.nodes = data["nodes"]
+        self._nodes = data["nodes"]
+        self._stats_done = False
         self._grad_tensors = data["grad_tensors"]
         self.missing = data["missing"]
         self.passes = data["passes"]
@@ -79,6 +81,14 @@ class Trace:
         self.fill(recorder, namespace)
 
     # -- data -----------------------------------------------------------------------------
+    @property
+    def nodes(self) -> list[TraceNode]:
+        """Every tensor of the graph, inputs first, with gradient statistics (computed on first use)."""
+        if not self._stats_done:
+            self._stats_done = True
+            summarize_gradients(self._nodes, self._grad_tensors, self.small_values)
+        return self._nodes
+
     @property
     def names(self) -> list[str]:
         """Every tensor label in the trace (``h (2)`` for the second binding of ``h``)."""
