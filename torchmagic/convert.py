@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .display import TextAndHtml
 from .errors import OptionError
 
 
@@ -225,8 +226,8 @@ def _shape(shape: tuple[int, ...] | None) -> str:
     return "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
 
 
-@dataclass
-class ConversionReport:
+@dataclass(repr=False)  # repr is the text view
+class ConversionReport(TextAndHtml):
     """What one converting cell did: the conversions, and the near misses left alone."""
 
     conversions: list[Conversion]
@@ -286,14 +287,6 @@ class ConversionReport:
             parts.append("</ul>")
         return "".join(parts) or "<p>nothing converted</p>"
 
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = {"text/plain": self.text()}
-        if include is None or "text/html" in include:
-            bundle["text/html"] = self.html()
-        return bundle
-
-    def __repr__(self) -> str:
-        return self.text()
 
 
 class Converter:

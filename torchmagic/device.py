@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from .display import TextAndHtml
 from .errors import DeviceError
 
 SPECS = ("cpu", "cuda", "cuda:N", "mps", "meta", "auto")
@@ -108,8 +109,8 @@ class CudaDevice:
     capability: tuple[int, int]
 
 
-@dataclass(frozen=True)
-class DeviceReport:
+@dataclass(frozen=True, repr=False)  # repr is the text view
+class DeviceReport(TextAndHtml):
     """What ``%device`` shows: the default, versions, the CPU, CUDA devices, MPS."""
 
     default: str
@@ -146,14 +147,6 @@ class DeviceReport:
                        f"{html.escape(v)}</td></tr>" for k, v in self.rows())
         return f"<table class='torchmagic-devices'>{body}</table>"
 
-    def _repr_mimebundle_(self, include=None, exclude=None):
-        bundle = {"text/plain": self.text()}
-        if include is None or "text/html" in include:
-            bundle["text/html"] = self.html()
-        return bundle
-
-    def __repr__(self) -> str:
-        return self.text()
 
 
 def _gib(value: int) -> str:

@@ -113,12 +113,10 @@ def test_set_and_move(shell):
 
 @pytest.mark.parametrize("line, message", [
     ("%device gpu", "unknown device 'gpu'"),
-    ("%device cuda:7", "available here: cpu"),
+    ("%device cuda:99", "available here: cpu"),
     ("%device --move", "--move needs a device"),
 ])
 def test_device_bad_input_changes_nothing(shell, capsys, line, message):
-    if torch.cuda.device_count() > 7:
-        pytest.skip("this machine has a cuda:7")
     shell.run(line, expect_error=UsageError)
     assert message in capsys.readouterr().err
     assert torch.get_default_device().type == "cpu"
