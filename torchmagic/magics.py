@@ -106,7 +106,7 @@ class TorchMagic(Magics):
         __tracebackhide__ = True  # noqa: F841 (IPython hides this frame from tracebacks)
         shell = self.shell
         source = "\n" + shell.transform_cell(cell)
-        filename = shell.compile.cache(source, shell.execution_count, raw_code="\n" + cell)
+        filename = shell.compile.cache(source, self._cell_number(), raw_code="\n" + cell)
         tree = shell.compile.ast_parse(source, filename=filename)
         tree = shell.transform_ast(tree)
         if self.instrumenter not in shell.ast_transformers:
@@ -120,6 +120,13 @@ class TorchMagic(Magics):
         if last is not None:
             return eval(compile(last, filename, "eval"), namespace)
         return None
+
+    def _cell_number(self) -> int:
+        """The running cell's In[N]: IPython counts the next cell's number while one runs."""
+        running = getattr(self.shell.displayhook, "exec_result", None)
+        if running is not None and running.execution_count is not None:
+            return running.execution_count
+        return self.shell.execution_count
 
     def show(self, obj: Any, text_only: bool = False) -> None:
         include = ["text/plain"] if text_only else self.shell.display_formatter.active_types
@@ -178,9 +185,10 @@ class TorchMagic(Magics):
         finally:
             self.dispatcher.binders.pop("trace", None)
             value = getattr(result, "result", None)
+            number = getattr(result, "execution_count", None) or self._cell_number()
             trace = Trace(max_nodes=options.get("max_nodes") or self.max_nodes,
                           memory_budget=self.memory_budget, small_values=self.small_values,
-                          cell=f"In [{self.shell.execution_count}]")
+                          cell=f"In [{number}]")
             trace.fill(recorder, self.shell.user_ns, self._labeler(), [value] if isinstance(value, torch.Tensor) else [])
         error = getattr(result, "error_in_exec", None)
         if error is not None:
@@ -253,7 +261,7 @@ class TorchMagic(Magics):
             finally:
                 self.dispatcher.binders.pop("trace", None)
                 trace = Trace(max_nodes=args.max_nodes or self.max_nodes, memory_budget=self.memory_budget,
-                              small_values=self.small_values, cell=f"In [{self.shell.execution_count}]")
+                              small_values=self.small_values, cell=f"In [{self._cell_number()}]")
                 trace.fill(recorder, self.shell.user_ns, self._labeler(),
                            [value] if isinstance(value, torch.Tensor) else [])
                 if error is not None:

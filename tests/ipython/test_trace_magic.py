@@ -30,7 +30,17 @@ def test_cell_magic_shows_svg_and_text_with_the_seed_gradients(shell):
     assert "<table" in bundle["text/html"] and "<svg" in bundle["text/html"]
     t = torchmagic.last_trace()
     assert str(t.node("z").source).endswith("line 5: z = y * y * 3")  # the magic's line is line 1
-    assert t.node("z").source.cell.startswith("In [")
+    number = shell.ip.execution_count - 1  # the cell that just ran
+    assert t.cell == f"In [{number}]" and t.node("z").source.cell == f"In [{number}]"
+
+
+def test_on_mode_names_the_cell_that_ran(shell):
+    shell.run("%autograd_trace on")
+    shell.run("import torch\nw = torch.ones(3, requires_grad=True)\n(w * 2).sum().backward()")
+    shell.run("%autograd_trace off")
+    t = torchmagic.last_trace()
+    number = shell.ip.execution_count - 2  # before the `off` cell
+    assert t.cell == f"In [{number}]" and t.node("w").source.cell == f"In [{number}]"
 
 
 def test_terminal_gets_text_only(shell):
@@ -89,6 +99,9 @@ def test_error_in_the_cell_shows_user_traceback_and_partial_graph(shell, capsys)
               expect_error=ZeroDivisionError)
     err = capsys.readouterr().out
     assert "----> 5 1 / 0" in err and "torchmagic/magics.py" not in err
+    # The body's frame is named after the cell the user ran, not the next one.
+    number = shell.ip.execution_count - 1
+    assert f"Cell In[{number}], line 5" in err and f"Cell In[{number + 1}]" not in err
     t = torchmagic.last_trace()
     assert t.error.startswith("ZeroDivisionError") and [n.name for n in t.nodes] == ["a", "b"]
 

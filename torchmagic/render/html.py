@@ -9,8 +9,11 @@ from ..trace.model import MissingGradient, TraceNode, _format_number
 from .dot import BAD_FILL, shape_only
 from .text import _ref, gradient_rows
 
+# Inline, because JupyterLab's own table style (right-aligned) wins over a stylesheet's.
+_LEFT, _RIGHT = ' style="text-align:left"', ' style="text-align:right"'
+_ALIGN = (_LEFT, _LEFT, _RIGHT, _RIGHT, _RIGHT, _RIGHT, _RIGHT, _RIGHT, _LEFT)
 _CSS = (
-    "<style>.torchmagic-table td,.torchmagic-table th{padding:2px 8px;text-align:left;"
+    "<style>.torchmagic-table td,.torchmagic-table th{padding:2px 8px;"
     "font-family:monospace;font-size:12px}.torchmagic-table tr.bad{background:" + BAD_FILL + "}</style>"
 )
 
@@ -21,7 +24,8 @@ def gradient_table(nodes: Sequence[TraceNode], missing: Sequence[MissingGradient
     parts = [_CSS]
     if rows:
         parts.append('<table class="torchmagic-table"><thead><tr>')
-        parts += [f"<th>{h}</th>" for h in ("name", "shape", "mean", "min", "max", "norm", "NaN", "Inf", "source")]
+        headers = ("name", "shape", "mean", "min", "max", "norm", "NaN", "Inf", "source")
+        parts += [f"<th{_ALIGN[i]}>{h}</th>" for i, h in enumerate(headers)]
         parts.append("</tr></thead><tbody>")
         for n in rows:
             cls = ' class="bad"' if not n.grad.finite else ""
@@ -34,7 +38,7 @@ def gradient_table(nodes: Sequence[TraceNode], missing: Sequence[MissingGradient
                 str(n.grad.inf_count),
                 esc(str(n.source or "")),
             ]
-            parts.append(f"<tr{cls}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+            parts.append(f"<tr{cls}>" + "".join(f"<td{_ALIGN[i]}>{c}</td>" for i, c in enumerate(cells)) + "</tr>")
         parts.append("</tbody></table>")
     no_grad = [(_ref(n), n.missing_reason, n.source) for n in nodes if n.kind != "op" and n.grad is None and n.missing_reason]
     no_grad += [(m.name, m.reason, m.source) for m in missing]

@@ -1,0 +1,77 @@
+"""A real `ipython` process in a pseudo-terminal, driven as a user types into it."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import pytest
+
+pexpect = pytest.importorskip("pexpect", reason="the terminal test needs pexpect (the test extra)")
+
+pytestmark = pytest.mark.terminal
+
+SEED = [
+    "%%autograd_trace",
+    "import torch",
+    "x = torch.ones(2, 2, requires_grad=True)",
+    "y = x + 2",
+    "z = y * y * 3",
+    "out = z.mean()",
+    "out.backward()",
+]
+
+
+@pytest.fixture
+def ipython(tmp_path):
+    env = dict(os.environ, TERM="dumb", IPYTHONDIR=str(tmp_path / "ipython"), COLUMNS="120")
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "IPython", "--simple-prompt", "--colors=NoColor", "--no-banner",
+         "--HistoryManager.hist_file=:memory:"],
+        env=env, encoding="utf-8", timeout=90, dimensions=(60, 120),
+    )
+    child.expect(r"In \[1\]: ")
+    yield child
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+
+
+def run(child, lines: list[str], number: int) -> str:
+    """Type a cell line by line; a blank line ends it (two for a cell magic). Return what it printed."""
+    for line in lines:
+        child.sendline(line)
+    child.sendline("")
+    if lines[0].startswith("%%"):
+        child.sendline("")
+    child.expect(rf"In \[{number + 1}\]: ")
+    return child.before.replace("\r\n", "\n")
+
+
+def test_traced_cell_prints_the_text_graph_and_gradient_table(ipython):
+    assert "Error" not in run(ipython, ["%load_ext torchmagic"], 1)
+    screen = run(ipython, SEED, 2)
+    printed = screen[screen.index("autograd trace of"):]
+    assert printed.startswith("autograd trace of In [2] · 5 tensors, 4 ops · 1 backward pass")
+    # The graph, inputs first, with each tensor's gradient.
+    assert re.search(r"^  x +=  ones +\(2, 2\) float32 +grad \[\[4\.5, 4\.5\], \[4\.5, 4\.5\]\]$", printed, re.M)
+    assert re.search(r"^  z +=  mul\(%2\) .* grad \[\[0\.25, 0\.25\], \[0\.25, 0\.25\]\]$", printed, re.M)
+    assert re.search(r"^  out +=  mean\(z\) .* output +grad 1$", printed, re.M)
+    # The gradient table, with the user's own source lines.
+    table = printed[printed.index("gradients:"):]
+    assert re.search(r"^  name +shape +mean +min +max +norm +NaN +Inf +source$", table, re.M)
+    assert re.search(r"^  y +\(2, 2\) +4\.5 +4\.5 +4\.5 +9 +0 +0 +In \[2\], line 4: y = x \+ 2$", table, re.M)
+    # A terminal gets text, never markup or an object repr.
+    assert "<svg" not in printed and "<table" not in printed and "at 0x" not in printed
+
+
+def test_error_in_a_traced_cell_points_at_the_users_line(ipython):
+    run(ipython, ["%load_ext torchmagic"], 1)
+    screen = run(ipython, ["%%autograd_trace", "import torch", "a = torch.ones(2, requires_grad=True)",
+                           "b = torch.log(a - 1)", "1 / 0"], 2)
+    assert "ZeroDivisionError" in screen and "----> 5 1 / 0" in screen and "Cell In[2], line 5" in screen
+    assert "the code raised ZeroDivisionError" in screen
+    # The session goes on: the next cell runs and sees no leftover mode.
+    after = run(ipython, ["import torch; print('modes', torch._C._len_torch_function_stack())"], 3)
+    assert "modes 0" in after
