@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import torchmagic
+from torchmagic.trace.stats import PendingSummary, summarize
 from torchmagic.trace.recorder import KEY
 
 
@@ -227,6 +228,26 @@ def test_memory_budget_keeps_statistics_only():
     assert t.node("y").grad.mean == 1.0
     with pytest.raises(LookupError, match="memory budget"):
         t.grad("y")
+
+
+@pytest.mark.parametrize("values", [
+    [1.0, -2.0, 3.0, 0.5] * 10,
+    [1.0, float("nan"), float("inf"), -float("inf"), 2.0] * 4,
+    [3.0e38, 3.0e38, -1.0],  # the sum overflows though every value is finite
+    [],
+    [2.5],
+])
+def test_statistics_past_the_budget_match_the_kept_ones(values):
+    """Past the budget, statistics are taken in the hook; they must equal those of a kept gradient."""
+    grad = torch.tensor(values, dtype=torch.float32)
+    kept = summarize(grad, small_values=4)
+    hooked = PendingSummary(grad, small_values=4).resolve()
+    assert (hooked.shape, hooked.numel, hooked.nan_count, hooked.inf_count) == (
+        kept.shape, kept.numel, kept.nan_count, kept.inf_count)
+    assert hooked.values == kept.values
+    for field in ("mean", "min", "max", "norm"):
+        a, b = getattr(hooked, field), getattr(kept, field)
+        assert (a != a and b != b) or a == pytest.approx(b, rel=1e-6), field
 
 
 def test_large_gradients_show_statistics_not_values():

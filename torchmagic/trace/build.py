@@ -23,10 +23,14 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _post_order(roots: list[Any]) -> list[Any]:
-    """Autograd nodes reachable from ``roots``, inputs before the ops that consume them."""
+def _post_order(roots: list[Any], known: dict[Any, tuple] | None = None) -> tuple[list[Any], dict[Any, tuple]]:
+    """Autograd nodes reachable from ``roots``, inputs before the ops that consume them.
+
+    Also returns each node's ``next_functions``: reading that attribute builds a new tuple
+    (about 1 us), so it is read once per node here and reused.
+    """
     order: list[Any] = []
-    visited: set[Any] = set()
+    edges: dict[Any, tuple] = {}
     for root in roots:
         stack = [(root, False)]
         while stack:
@@ -34,14 +38,17 @@ def _post_order(roots: list[Any]) -> list[Any]:
             if expanded:
                 order.append(node)
                 continue
-            if node in visited:
+            if node in edges:
                 continue
-            visited.add(node)
+            children = known.get(node) if known else None
+            if children is None:
+                children = node.next_functions
+            edges[node] = children
             stack.append((node, True))
-            for child, _ in reversed(node.next_functions):
-                if child is not None and child not in visited:
+            for child, _ in reversed(children):
+                if child is not None and child not in edges:
                     stack.append((child, False))
-    return order
+    return order, edges
 
 
 def build(
@@ -76,13 +83,14 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
             edge_names.setdefault((tensor.grad_fn, tensor.output_nr), name)
 
     root_nodes = list(dict.fromkeys(node for node, _ in root_edges))
-    order = _post_order(root_nodes)
+    order, next_edges = _post_order(root_nodes, recorder.last_edges)
     used: dict[Any, set[int]] = {node: set() for node in order}
+    consumed: set[tuple[Any, int]] = set()
     for node in order:
-        for child, index in node.next_functions:
-            if child is not None:
-                used[child].add(index)
-    consumed = {(child, index) for node in order for child, index in node.next_functions if child is not None}
+        for edge in next_edges[node]:
+            if edge[0] is not None:
+                used[edge[0]].add(edge[1])
+                consumed.add(edge)
     root_set = {edge for edge in root_edges if edge not in consumed}
     for node, index in root_edges:
         used[node].add(index)
@@ -101,7 +109,7 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
         outputs = set(used[node])
         if record is not None and not is_leaf:
             outputs.update(record.names)
-        inputs = tuple(ids[(child, index)] for child, index in node.next_functions if child is not None)
+        inputs = tuple(ids[edge] for edge in next_edges[node] if edge[0] is not None)
         for output_nr in sorted(outputs):
             trace_id = len(nodes)
             ids[(node, output_nr)] = trace_id
@@ -162,7 +170,7 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
 
     _label_rebound_names(nodes)
     for trace_id, summary in summaries.items():  # over the memory budget: summarised in the hook
-        nodes[trace_id].grad = summary
+        nodes[trace_id].grad = summary.resolve()
         nodes[trace_id].grad_seq = seqs[trace_id]
     for trace_id in grad_tensors:
         nodes[trace_id].grad_seq = seqs[trace_id]

@@ -70,3 +70,43 @@ def summarize_many(tensors: list[torch.Tensor], small_values: int = 16) -> list[
                 values=values,
             )
     return results  # type: ignore[return-value]
+
+
+class PendingSummary:
+    """Statistics of a gradient taken in the backward hook, read back later.
+
+    Used past the memory budget, where the gradient itself cannot be kept. Three reductions
+    (sum, aminmax, norm), no copy of the data; NaN and Inf are counted only when those show
+    that some exist (on the CPU, where looking costs nothing), or always on other devices,
+    where looking would make the hook wait for the device.
+    """
+
+    __slots__ = ("shape", "numel", "stats", "values")
+
+    def __init__(self, tensor: torch.Tensor, small_values: int = 16) -> None:
+        data = _as_real(tensor).reshape(-1)
+        self.shape = tuple(tensor.shape)
+        self.numel = data.numel()
+        self.values = data.clone() if self.numel <= small_values else None
+        if self.numel == 0:
+            self.stats = None
+            return
+        low, high = torch.aminmax(data)
+        stats = torch.stack([data.sum(), low, high, torch.linalg.vector_norm(data)])
+        if data.device.type != "cpu" or not bool(torch.isfinite(stats).all()):
+            counts = torch.stack([torch.isnan(data).sum(), torch.isinf(data).sum()]).to(stats.dtype)
+            stats = torch.cat([stats, counts])
+        self.stats = stats
+
+    def resolve(self) -> GradientSummary:
+        if self.stats is None:
+            return GradientSummary(self.shape, 0, float("nan"), float("nan"), float("nan"), 0.0, 0, 0,
+                                   [] if self.values is not None else None)
+        stats = self.stats.tolist()
+        total, low, high, norm = stats[:4]
+        nan_count, inf_count = (int(stats[4]), int(stats[5])) if len(stats) > 4 else (0, 0)
+        values = None
+        if self.values is not None:
+            values = self.values.reshape(self.shape).tolist() if self.shape else self.values.tolist()[0]
+        return GradientSummary(self.shape, self.numel, total / self.numel, low, high, norm,
+                               nan_count, inf_count, values)
