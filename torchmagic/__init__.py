@@ -12,12 +12,15 @@ _history: list[Trace] = []
 _last_conversion = None
 
 
-def trace(*, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16) -> Trace:
+def trace(*, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16,
+          depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True) -> Trace:
     """Record the autograd graph built in a ``with`` block, and its gradients.
 
     ``with torchmagic.trace() as t: ...`` then ``t.grad("y")``, ``t.nodes``, ``t.svg()``.
+    ``depth``, ``expand`` and ``fold`` say how the diagram shows modules (``t.set_view`` changes it).
     """
-    return Trace(max_nodes=max_nodes, memory_budget=memory_budget, small_values=small_values)
+    return Trace(max_nodes=max_nodes, memory_budget=memory_budget, small_values=small_values,
+                 depth=depth, expand=expand, fold=fold)
 
 
 def last_trace() -> Trace | None:

@@ -186,15 +186,18 @@ class TorchMagic(Magics):
             self.dispatcher.binders.pop("trace", None)
             value = getattr(result, "result", None)
             number = getattr(result, "execution_count", None) or self._cell_number()
-            trace = Trace(max_nodes=options.get("max_nodes") or self.max_nodes,
-                          memory_budget=self.memory_budget, small_values=self.small_values,
-                          cell=f"In [{number}]")
+            trace = self._new_trace(options, f"In [{number}]")
             trace.fill(recorder, self.shell.user_ns, self._labeler(), [value] if isinstance(value, torch.Tensor) else [])
         error = getattr(result, "error_in_exec", None)
         if error is not None:
             trace.error = f"{type(error).__name__}: {error}"
         if trace.nodes or trace.missing:
             self._deliver(trace, options)
+
+    def _new_trace(self, options: dict[str, Any], cell: str) -> Trace:
+        return Trace(max_nodes=options.get("max_nodes") or self.max_nodes, memory_budget=self.memory_budget,
+                     small_values=self.small_values, cell=cell, depth=options.get("depth"),
+                     expand=options.get("expand", ()), fold=options.get("fold", True))
 
     def _deliver(self, trace: Trace, options: dict[str, Any]) -> None:
         self._remember(trace)
@@ -220,6 +223,13 @@ class TorchMagic(Magics):
     @argument("--max-nodes", type=int, default=None, help="Draw at most N tensors (default: TorchMagic.max_nodes).")
     @argument("--save", metavar="PATH", default=None, help="Also write the trace to PATH: .svg, .dot/.gv or .txt.")
     @argument("--text", action="store_true", help="Show the text rendering only (no diagram).")
+    @argument("--depth", type=int, default=None, metavar="N",
+              help="Draw modules N levels deep (model=1, model.layers.3=3); deeper ones are one box each. "
+                   "Default: the deepest level that keeps the diagram readable.")
+    @argument("--expand", action="append", default=[], metavar="PATH",
+              help="Open the module PATH (e.g. model.layers.3.self_attn) fully; may be given several times.")
+    @argument("--no-fold", action="store_true",
+              help="Draw every block of a repeated run (the 12 layers of a transformer) instead of one with xN.")
     @line_cell_magic
     def autograd_trace(self, line: str, cell: str | None = None) -> Any:
         """Show the autograd graph a cell builds, with the intermediate gradients PyTorch discards.
@@ -233,13 +243,16 @@ class TorchMagic(Magics):
         args = parse_argstring(self.autograd_trace, line)
         if args.max_nodes is not None and args.max_nodes < 1:
             raise UsageError("--max-nodes must be at least 1")
+        if args.depth is not None and args.depth < 0:
+            raise UsageError("--depth must be 0 or more")
         if args.save:
             from .trace.trace import SAVE_FORMATS
             import os
 
             if os.path.splitext(args.save)[1].lower() not in SAVE_FORMATS:
                 raise UsageError(f"--save: cannot write {args.save!r}; use a file ending in {', '.join(SAVE_FORMATS)}")
-        options = {"max_nodes": args.max_nodes, "save": args.save, "text": args.text}
+        options = {"max_nodes": args.max_nodes, "save": args.save, "text": args.text, "depth": args.depth,
+                   "expand": tuple(args.expand), "fold": not args.no_fold}
         if cell is None:
             return self._trace_line(args.action, options)
         if args.action is not None:
@@ -260,8 +273,7 @@ class TorchMagic(Magics):
                 recorder.stop()
             finally:
                 self.dispatcher.binders.pop("trace", None)
-                trace = Trace(max_nodes=args.max_nodes or self.max_nodes, memory_budget=self.memory_budget,
-                              small_values=self.small_values, cell=f"In [{self._cell_number()}]")
+                trace = self._new_trace(options, f"In [{self._cell_number()}]")
                 trace.fill(recorder, self.shell.user_ns, self._labeler(),
                            [value] if isinstance(value, torch.Tensor) else [])
                 if error is not None:
@@ -290,6 +302,14 @@ class TorchMagic(Magics):
             trace = torchmagic.last_trace()
             if trace is None:
                 raise UsageError("no trace yet: run a cell with %%autograd_trace or after %autograd_trace on")
+            unknown = [path for path in options["expand"] if path not in trace.modules]
+            if unknown:
+                known = ", ".join(list(trace.modules)[:8]) or "none"
+                raise UsageError(f"--expand: no module {unknown[0]!r} in the last trace (modules: {known})")
+            # show draws the last trace again, with this line's view options where given
+            if options["depth"] is not None or options["expand"] or not options["fold"] or options["max_nodes"]:
+                trace.set_view(depth=options["depth"], expand=options["expand"], fold=options["fold"],
+                               max_nodes=options["max_nodes"] or trace.max_nodes)
             self.show(trace, text_only=bool(options.get("text")))
         return None
 

@@ -54,7 +54,51 @@ def nan_graph():
     return t
 
 
-@pytest.mark.parametrize("build", [seed_graph, split_graph, mlp_graph, nan_graph], ids=lambda f: f.__name__)
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(4)
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + torch.relu(self.lin(self.norm(x)))
+
+
+class Net(torch.nn.Module):
+    def __init__(self, blocks: int = 4) -> None:
+        super().__init__()
+        self.inp = torch.nn.Linear(3, 4)
+        self.blocks = torch.nn.Sequential(*[Block() for _ in range(blocks)])
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.inp(x)))
+
+
+def blocks_trace(**view):
+    torch.manual_seed(0)
+    net = Net()
+    data = torch.randn(5, 3)
+    with torchmagic.trace(**view) as t:
+        loss = net(data).square().mean()
+        loss.backward()
+    return t
+
+
+def blocks_folded():
+    return blocks_trace()
+
+
+def blocks_depth2():
+    return blocks_trace(depth=2)
+
+
+def blocks_expand():
+    return blocks_trace(depth=2, expand=("net.blocks.2",))
+
+
+@pytest.mark.parametrize("build", [seed_graph, split_graph, mlp_graph, nan_graph, blocks_folded, blocks_depth2,
+                                   blocks_expand], ids=lambda f: f.__name__)
 def test_golden_dot(build):
     dot = build().to_dot()
     path = GOLDEN / f"{build.__name__}.dot"
@@ -118,3 +162,47 @@ def test_mimebundle_respects_include():
     t = seed_graph()
     assert set(t._repr_mimebundle_(include=["text/plain"])) == {"text/plain"}
     assert {"image/svg+xml", "text/html"} <= set(t._repr_mimebundle_())
+
+
+def test_repeated_blocks_fold_into_one_drawing_and_keep_every_layer():
+    t = blocks_trace()
+    view = t.view()
+    (fold,) = view.folds.values()
+    assert fold.paths == [f"net.blocks.{i}" for i in range(4)] and fold.kind == "Block"
+    dot = t.to_dot()
+    assert "net.blocks.0 … 3 · Block ×4" in dot and "net.blocks.1.lin" not in dot
+    # nothing is lost: each layer's parameters still carry their own gradient statistics
+    norms = {t.node(f"net.blocks.{i}.lin.weight").grad.norm for i in range(4)}
+    assert len(norms) == 4 and all(n > 0 for n in norms)
+    # the saved DOT is the whole graph: every block drawn, nothing folded
+    full = t.to_dot(full=True)
+    assert all(f"net.blocks.{i}.lin.weight" in full for i in range(4)) and "×4" not in full
+
+
+def test_depth_collapses_modules_into_boxes_with_parameters_and_gradient_norm():
+    t = blocks_trace(depth=0)
+    view = t.view()
+    assert set(view.collapsed) == {"net"} and view.box_count <= 5
+    unit = view.collapsed["net"]
+    assert unit.params == sum(p.numel() for p in Net().parameters())
+    params = [n for n in t.nodes if n.kind == "param"]
+    assert unit.grad_norm == pytest.approx(sum(n.grad.norm ** 2 for n in params) ** 0.5)
+    assert "net · Net" in t.to_dot() and "modules deeper than level 0 (as asked)" in t.text()
+
+
+def test_expand_opens_one_block_and_names_unknown_paths():
+    t = blocks_trace(depth=2, expand=("net.blocks.2", "net.nope"))
+    view = t.view()
+    assert "net.blocks.2" not in view.collapsed and "net.blocks.3" in view.collapsed
+    assert view.cluster[t.node("net.blocks.2.lin.weight").id] == "net.blocks.2.lin"
+    assert "--expand net.nope: no such module in this trace" in t.text()
+
+
+def test_default_depth_is_the_deepest_that_fits_and_says_what_it_collapsed():
+    t = blocks_trace()
+    assert t.view().depth is None and not t.view().collapsed  # small enough to open everything
+    from torchmagic.trace.view import plan
+
+    tight = plan(t.nodes, t.modules, auto_target=6)
+    assert tight.auto and tight.depth is not None and tight.box_count <= 6
+    assert any("chosen to fit" in note for note in tight.notes())

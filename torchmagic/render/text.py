@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..trace.model import MissingGradient, TraceNode, _format_number
+from ..trace.view import CollapsedModule, Fold, View
 from .dot import _shape_text, shape_only
 
 
@@ -18,11 +19,33 @@ def _ref(node: TraceNode) -> str:
     return node.name if node.name is not None else f"%{node.id}"
 
 
-def graph_lines(nodes: Sequence[TraceNode], max_nodes: int) -> list[str]:
-    """One line a tensor, inputs first: ``z = mul(%3)   (2, 2) float32   grad [[0.25, ...]]``."""
+def _unit_row(unit: CollapsedModule, fold: Fold | None) -> tuple[str, ...]:
+    what = f"[{fold.label if fold else unit.kind or 'module'}: {unit.ops} ops, {len(unit.node_ids)} tensors"
+    what += f", {unit.params:,} params]" if unit.params else "]"
+    grad = f"param grad norm {unit.grad_norm:.3g}" if unit.grad_norm is not None else ""
+    if unit.nonfinite:
+        grad = (grad + "  " if grad else "") + "NaN/Inf inside"
+    return (unit.path, "=", what, "", "collapsed", grad)
+
+
+def graph_lines(nodes: Sequence[TraceNode], max_nodes: int, view: View | None = None) -> list[str]:
+    """One line a tensor, inputs first: ``z = mul(%3)   (2, 2) float32   grad [[0.25, ...]]``.
+
+    With a ``view``, a collapsed module is one line and folded copies of a repeated block none.
+    """
     rows = []
-    shown = nodes if len(nodes) <= max_nodes else nodes[-max_nodes:]
+    owner = view.owner if view is not None else {}
+    stand_in = view.stand_in if view is not None else {}
+    visible = [n for n in nodes if n.id not in stand_in]
+    shown = visible if len(visible) <= max_nodes else visible[-max_nodes:]
+    done_units: set[str] = set()
     for node in shown:
+        if node.id in owner:
+            path = owner[node.id]
+            if path not in done_units:
+                done_units.add(path)
+                rows.append(_unit_row(view.collapsed[path], view.folds.get(path)))
+            continue
         if node.kind == "op":
             args = ", ".join(_ref(nodes[i]) for i in node.inputs)
             what = f"{node.op}({args})"
@@ -41,8 +64,10 @@ def graph_lines(nodes: Sequence[TraceNode], max_nodes: int) -> list[str]:
             grad = f"no grad: {node.missing_reason}" if node.missing_reason else ""
         rows.append((_ref(node), "=", _clip(what, 40), _shape_text(node), " ".join(flags), grad))
     lines = table(rows) if rows else ["  (no autograd graph)"]
-    if len(shown) < len(nodes):
-        lines.insert(0, f"  … {len(nodes) - len(shown)} earlier tensors not shown (max_nodes={max_nodes})")
+    if len(shown) < len(visible):
+        lines.insert(0, f"  … {len(visible) - len(shown)} earlier tensors not shown (max_nodes={max_nodes})")
+    if view is not None:
+        lines[:0] = ["  " + note for note in view.notes()]
     return lines
 
 

@@ -138,6 +138,11 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
                     all_names = (edge_names[(node, output_nr)],)
                 meta = record.outputs.get(output_nr) if record is not None else None
                 shape, dtype, device = meta if meta is not None else (None, None, None)
+                if meta is None and record is not None and record.grads and output_nr in record.grads:
+                    # made inside a call the mode saw as one: its gradient has its shape and dtype
+                    held = record.grads[output_nr]
+                    source = held.tensor if held.tensor is not None else held.summary
+                    shape, dtype = tuple(source.shape), source.dtype
                 if location is None and bindings:
                     location = bindings[0][1]
             slot = record.grads.get(output_nr) if record is not None and record.grads else None
@@ -155,6 +160,7 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
                 inputs=inputs,
                 source=source_line(location, labeler),
                 module=module,
+                seen_forward=record is not None and record.seen_forward,
                 is_output=(node, output_nr) in root_set,
             )
             if slot is not None:
@@ -169,6 +175,7 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
             nodes.append(trace_node)
 
     _label_rebound_names(nodes)
+    _assign_modules(nodes)
     for trace_id, summary in summaries.items():  # over the memory budget: summarised in the hook
         nodes[trace_id].grad = summary.resolve()
         nodes[trace_id].grad_seq = seqs[trace_id]
@@ -201,7 +208,35 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
         passes=passes,
         grad_history=history,
         op_count=recorder.op_count,
+        modules={path: names.module_types.get(path, "") for path in
+                 sorted({prefix for n in nodes if n.module for prefix in _prefixes(n.module)})},
     )
+
+
+def _prefixes(path: str) -> list[str]:
+    parts = path.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+
+
+def _assign_modules(nodes: list[TraceNode]) -> None:
+    """Give every tensor the nn.Module it belongs to, where the forward hooks could not say.
+
+    A parameter belongs to the module that owns it (``model.0.weight`` -> ``model.0``). An
+    operation torch ran inside a functional call the mode saw as one (the internals of
+    ``multi_head_attention_forward``) belongs to the module of the tensor that consumed it.
+    """
+    for node in nodes:
+        if node.kind == "param" and node.module is None and node.name and "." in node.name:
+            node.module = node.name.rsplit(".", 1)[0]
+    consumers: dict[int, TraceNode] = {}
+    for node in nodes:
+        for input_id in node.inputs:
+            consumers.setdefault(input_id, node)
+    for node in reversed(nodes):  # consumers come after their inputs
+        if node.kind == "op" and node.module is None and not node.seen_forward:
+            consumer = consumers.get(node.id)
+            if consumer is not None:
+                node.module = consumer.module
 
 
 def _label_rebound_names(nodes: list[TraceNode]) -> None:

@@ -105,6 +105,7 @@ class TraceNode:
     source: SourceLine | None = None
     module: str | None = None
     is_output: bool = False
+    seen_forward: bool = field(default=True, repr=False)
     grad: GradientSummary | None = None
     missing_reason: str | None = None
     nonfinite_origin: bool = False

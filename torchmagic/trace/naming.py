@@ -41,6 +41,7 @@ class NamespaceNames:
         self.by_id: dict[int, list[str]] = {}
         self.params: dict[int, str] = {}
         self.modules: dict[int, str] = {}
+        self.module_types: dict[str, str] = {}  # module path -> class name
         if not namespace:
             return
         for name, value in list(namespace.items()):
@@ -52,5 +53,6 @@ class NamespaceNames:
             elif isinstance(value, torch.nn.Module):
                 for path, module in value.named_modules(prefix=name):
                     self.modules.setdefault(id(module), path)
+                    self.module_types.setdefault(path, type(module).__name__)
                 for path, param in value.named_parameters(prefix=name):
                     self.params.setdefault(id(param), path)

@@ -81,11 +81,12 @@ class PendingSummary:
     where looking would make the hook wait for the device.
     """
 
-    __slots__ = ("shape", "numel", "stats", "values")
+    __slots__ = ("shape", "dtype", "numel", "stats", "values")
 
     def __init__(self, tensor: torch.Tensor, small_values: int = 16) -> None:
         data = _as_real(tensor).reshape(-1)
         self.shape = tuple(tensor.shape)
+        self.dtype = tensor.dtype
         self.numel = data.numel()
         self.values = data.clone() if self.numel <= small_values else None
         if self.numel == 0:

@@ -30,8 +30,11 @@ class Trace:
     """
 
     def __init__(self, *, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16,
-                 cell: str = "") -> None:
+                 cell: str = "", depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True) -> None:
         self.max_nodes = max_nodes
+        self.depth = depth  # None: the deepest module level that keeps the diagram readable
+        self.expand = tuple(expand)
+        self.fold = fold
         self.memory_budget = memory_budget
         self.small_values = small_values
         self.cell = cell
@@ -41,6 +44,7 @@ class Trace:
         self.passes: list[PassInfo] = []
         self.grad_history: dict[str, list[tuple[int, float]]] = {}
         self.op_count = 0
+        self.modules: dict[str, str] = {}  # module path -> class name, for every module in the graph
         self.error: str | None = None
         self._grad_tensors: dict[int, torch.Tensor] = {}
         self._recorder: Recorder | None = None
@@ -61,6 +65,7 @@ class Trace:
         self.passes = data["passes"]
         self.grad_history = data["grad_history"]
         self.op_count = data["op_count"]
+        self.modules = data["modules"]
         self._svg = None
         return self
 
@@ -144,16 +149,39 @@ class Trace:
             parts.append("no backward yet")
         return " · ".join(parts)
 
+    def set_view(self, *, depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True,
+                 max_nodes: int | None = None) -> Trace:
+        """Change how the diagram shows modules (``depth``, ``expand``, ``fold``) and its size limit."""
+        self.depth, self.expand, self.fold = depth, tuple(expand), fold
+        if max_nodes is not None:
+            self.max_nodes = max_nodes
+        self._svg = None
+        return self
+
+    def view(self):
+        """How the diagram shows modules: clusters, collapsed modules, folded repeats (a ``View``)."""
+        from .view import plan
+
+        return plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold)
+
     @property
     def digraph(self):
         """The diagram as a ``graphviz.Digraph`` (what torchviz users know)."""
         from ..render.dot import to_digraph
 
-        return to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes)
+        view = self.view()
+        return to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes, view=view, notes=view.notes())
 
-    def to_dot(self) -> str:
-        """DOT source of the diagram; deterministic for the same code."""
-        return self.digraph.source
+    def to_dot(self, full: bool = False) -> str:
+        """DOT source of the diagram; deterministic for the same code. ``full=True``: every tensor
+        drawn, nothing collapsed, folded or left out (module clusters kept)."""
+        if not full:
+            return self.digraph.source
+        from ..render.dot import to_digraph
+        from .view import plan
+
+        view = plan(self.nodes, self.modules, depth=None, expand=(), fold=False, auto_target=len(self.nodes))
+        return to_digraph(self.nodes, title=self.title(), max_nodes=len(self.nodes) or 1, view=view).source
 
     def svg(self) -> str:
         """The diagram as SVG text, laid out in-process (no system Graphviz needed)."""
@@ -171,7 +199,7 @@ class Trace:
         if self.error:
             lines.append(f"  the code raised {self.error}; showing what ran")
         lines.append("graph (inputs first):")
-        lines += graph_lines(self.nodes, self.max_nodes)
+        lines += graph_lines(self.nodes, self.max_nodes, self.view())
         grads = gradient_lines(self.nodes, self.missing)
         if grads:
             lines.append("gradients:")
@@ -193,13 +221,14 @@ class Trace:
         return f'<div class="torchmagic-trace">{note}{self.svg()}{gradient_table(self.nodes, self.missing)}</div>'
 
     def save(self, path: str | Path) -> Path:
-        """Write the diagram as .svg, .dot/.gv or the text view as .txt, by the file's extension."""
+        """Write the diagram as .svg, the whole graph as .dot/.gv, or the text view as .txt (by extension)."""
         path = Path(path)
         kind = SAVE_FORMATS.get(path.suffix.lower())
         if kind is None:
             raise OptionError(f"cannot save a trace as {path.suffix or 'a file without extension'!r}: "
                               f"use one of {', '.join(SAVE_FORMATS)}")
-        content = {"svg": self.svg, "dot": self.to_dot, "text": self.text}[kind]()
+        # a saved .dot is the whole graph; the SVG and the text are what the cell showed
+        content = {"svg": self.svg, "dot": lambda: self.to_dot(full=True), "text": self.text}[kind]()
         path.write_text(content, encoding="utf-8")
         return path
 
