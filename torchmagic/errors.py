@@ -15,3 +15,7 @@ class MoveError(TorchMagicError):
 
 class OptionError(TorchMagicError):
     """An option value that torchmagic cannot use (a dtype name, a file extension...)."""
+
+
+class LayoutTimeout(TorchMagicError):
+    """Graphviz took longer than allowed to lay out a diagram; it was stopped."""

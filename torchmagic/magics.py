@@ -15,7 +15,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_cell_magic, magics_class, no_var_expand
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import display
-from traitlets import Int, TraitError, Unicode, validate
+from traitlets import Float, Int, TraitError, Unicode, validate
 
 import torchmagic
 
@@ -38,6 +38,9 @@ def _usage_error(error: Exception) -> UsageError:
 class TorchMagic(Magics):
     """torchmagic's magics and their options (``%config TorchMagic`` lists them)."""
 
+    layout_timeout = Float(
+        10.0, help="Seconds a big diagram's layout may take; it then stops and the text view is shown."
+    ).tag(config=True)
     max_nodes = Int(500, help="Diagrams draw at most this many tensors; the rest are summarised.").tag(config=True)
     small_values = Int(
         16, help="Gradients with at most this many elements are shown as values, larger ones as statistics."
@@ -195,9 +198,11 @@ class TorchMagic(Magics):
             self._deliver(trace, options)
 
     def _new_trace(self, options: dict[str, Any], cell: str) -> Trace:
-        return Trace(max_nodes=options.get("max_nodes") or self.max_nodes, memory_budget=self.memory_budget,
-                     small_values=self.small_values, cell=cell, depth=options.get("depth"),
-                     expand=options.get("expand", ()), fold=options.get("fold", True))
+        trace = Trace(max_nodes=options.get("max_nodes") or self.max_nodes, memory_budget=self.memory_budget,
+                      small_values=self.small_values, cell=cell, depth=options.get("depth"),
+                      expand=options.get("expand", ()), fold=options.get("fold", True))
+        trace.layout_timeout = self.layout_timeout
+        return trace
 
     def _deliver(self, trace: Trace, options: dict[str, Any]) -> None:
         self._remember(trace)

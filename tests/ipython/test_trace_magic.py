@@ -180,3 +180,45 @@ def test_user_text_is_escaped_in_html_and_dot(shell):
     shell.run('%%autograd_trace\nimport torch\nx = torch.ones(2, requires_grad=True)\ny = x * 2  # <script>alert("&")</script>\ny.sum().backward()')
     html = shell.outputs[0]["data"]["text/html"]
     assert "<script>" not in html and "&lt;script&gt;" in html
+
+
+BLOCKS = """
+import torch
+torch.manual_seed(0)
+blocks = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh()) for _ in range(3)])
+data = torch.randn(2, 4)
+"""
+
+
+def test_depth_expand_and_fold_options(shell):
+    shell.run(BLOCKS)
+    shell.run("%%autograd_trace --depth 1 --text\nloss = blocks(data).sum()\nloss.backward()")
+    (text,) = shell.displayed()
+    assert "modules deeper than level 1 (as asked) drawn collapsed: 3 (blocks.0, blocks.1, blocks.2)" in text
+    # blocks.0 differs: its input needs no gradient, so its graph has one edge less; 1 and 2 fold
+    assert "2 repeated Sequential blocks drawn once (×2)" in text
+    t = torchmagic.last_trace()
+    assert [n.name for n in t.nodes if n.kind == "param"].count("blocks.2.0.weight") == 1  # every layer kept
+
+    shell.run("%autograd_trace show --depth 1 --expand blocks.1 --text")
+    (text,) = shell.displayed()
+    assert "blocks.1.0.weight" in text and "(×2)" not in text and "blocks.0" in text
+
+    shell.run("%autograd_trace show --no-fold --text")
+    (text,) = shell.displayed()
+    assert "repeated" not in text and "blocks.2.0.weight" in text
+
+
+@pytest.mark.parametrize("line, message", [
+    ("%autograd_trace show --expand nowhere", "--expand: no module 'nowhere' in the last trace"),
+    ("%autograd_trace show --depth -1", "--depth must be 0 or more"),
+])
+def test_bad_view_options_are_one_usage_line(shell, capsys, line, message):
+    shell.run(BLOCKS)
+    shell.run("%%autograd_trace\nloss = blocks(data).sum()\nloss.backward()")
+    before = torchmagic.last_trace()
+    view = (before.depth, before.expand, before.fold)
+    shell.run(line, expect_error=UsageError)
+    printed = capsys.readouterr()
+    assert message in printed.err + printed.out
+    assert torchmagic.last_trace() is before and (before.depth, before.expand, before.fold) == view

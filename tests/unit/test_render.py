@@ -206,3 +206,20 @@ def test_default_depth_is_the_deepest_that_fits_and_says_what_it_collapsed():
     tight = plan(t.nodes, t.modules, auto_target=6)
     assert tight.auto and tight.depth is not None and tight.box_count <= 6
     assert any("chosen to fit" in note for note in tight.notes())
+
+
+def test_big_layouts_run_in_a_child_process_that_is_stopped_on_time(monkeypatch):
+    from torchmagic.errors import LayoutTimeout
+    from torchmagic.render import svg as svg_module
+
+    t = blocks_trace()
+    monkeypatch.setattr(svg_module, "IN_PROCESS_BOXES", 0)  # treat this diagram as a big one
+    svg = t.svg()  # laid out in the child process, within the default limit
+    assert svg.startswith("<svg") and "net.blocks.0 … 3 · Block ×4" in svg
+    t.set_view()  # forget the cached SVG
+    t.layout_timeout = 0.001  # no child process can start and lay out in time
+    with pytest.raises(LayoutTimeout, match="was stopped"):
+        t.svg()
+    bundle = t._repr_mimebundle_()
+    assert set(bundle) == {"text/plain"}  # the front end shows the text view, with the reason
+    assert "diagram unavailable: LayoutTimeout" in bundle["text/plain"] and "graph (inputs first):" in bundle["text/plain"]

@@ -32,6 +32,7 @@ class Trace:
     def __init__(self, *, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16,
                  cell: str = "", depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True) -> None:
         self.max_nodes = max_nodes
+        self.layout_timeout = 10.0  # seconds a big diagram's layout may take before it is stopped
         self.depth = depth  # None: the deepest module level that keeps the diagram readable
         self.expand = tuple(expand)
         self.fold = fold
@@ -188,7 +189,13 @@ class Trace:
         if self._svg is None:
             from ..render.svg import render_svg
 
-            self._svg = render_svg(self.to_dot())
+            view = self.view()
+            boxes = min(view.box_count, self.max_nodes)
+            from ..render.dot import to_digraph
+
+            dot = to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes, view=view,
+                             notes=view.notes()).source
+            self._svg = render_svg(dot, boxes=boxes, timeout=self.layout_timeout)
         return self._svg
 
     def text(self) -> str:
@@ -242,8 +249,8 @@ class Trace:
                 bundle["image/svg+xml"] = self.svg()
             if wanted("text/html"):
                 bundle["text/html"] = self.html()
-        except Exception as error:  # layout failure: the text view still shows
-            bundle["text/plain"] += f"\n(diagram unavailable: {type(error).__name__}: {error})"
+        except Exception as error:  # layout failure or timeout: the text view shows, with why
+            bundle = {"text/plain": bundle["text/plain"] + f"\n(diagram unavailable: {type(error).__name__}: {error})"}
         return bundle
 
     def __repr__(self) -> str:

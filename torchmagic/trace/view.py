@@ -68,7 +68,7 @@ class View:
         """What the view left out of sight, in words, for the diagram and the text view."""
         out = [f"--expand {path}: no such module in this trace" for path in self.unknown_expand]
         if self.collapsed:
-            shown = sorted({p for i, p in self.owner.items() if i not in self.stand_in})
+            shown = sorted(self.collapsed, key=lambda p: [int(c) if c.isdigit() else c for c in p.split(".")])
             how = "chosen to fit" if self.auto else "as asked"
             out.append(f"modules deeper than level {self.depth} ({how}) drawn collapsed: {len(shown)} "
                        f"({_few(shown)}); --depth N or --expand PATH opens them")
