@@ -287,3 +287,70 @@ def test_core_does_not_import_ipython():
            "print('IPython' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_training_loop_keeps_one_graph_and_a_norm_per_pass_for_each_parameter():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    data, target = torch.randn(16, 3), torch.randn(16, 1)
+    with torchmagic.trace() as t:
+        for _ in range(30):
+            optimizer.zero_grad()
+            loss = torch.nn.functional.mse_loss(model(data), target)
+            loss.backward()
+            optimizer.step()
+    assert len(t.passes) == 30 and not t.structure_changed
+    assert "30 backward passes, graph of the last shown; same structure each pass" in t.title()
+    # one pass's graph, not thirty: each parameter appears once
+    assert [n.name for n in t.nodes if n.kind == "param"].count("model.0.weight") == 1
+    history = t.grad_history["model.0.weight"]
+    assert [i for i, _ in history] == list(range(30))
+    assert history[-1][1] == pytest.approx(model[0].weight.grad.norm().item(), rel=1e-5)
+    assert history[0][1] != history[-1][1]  # training changed the gradients
+    # the table shows the last pass (what .grad holds after zero_grad), not a sum over the loop
+    assert t.node("model.0.weight").grad.norm == pytest.approx(model[0].weight.grad.norm().item(), rel=1e-5)
+    assert "gradient norm per backward pass" in t.html() and "<polyline" in t.html()
+    assert "model.0.weight" in t.text().split("gradient norm per backward pass:")[1]
+
+
+def test_a_loop_whose_graph_changes_says_so():
+    with torchmagic.trace() as t:
+        x = torch.ones(3, requires_grad=True)
+        for depth in range(1, 4):
+            h = x
+            for _ in range(depth):
+                h = torch.tanh(h)
+            h.sum().backward()
+    assert len(t.passes) == 3 and t.structure_changed
+    assert "structure changed between passes" in t.title()
+
+
+def test_vanishing_norms_plot_on_a_log_scale_and_nan_passes_are_marked():
+    from torchmagic.render.history import scale, sparkline, sparkline_svg
+
+    values = [10.0 ** -k for k in range(8)]
+    positions, log = scale(values)
+    assert log and positions[0] == 1.0 and positions[-1] == 0.0
+    assert positions[3] == pytest.approx(4 / 7)  # evenly spaced in log10, not squashed near zero
+    line = sparkline([1.0, 2.0, float("nan"), 4.0])
+    assert line[2] == "!" and line[0] == "▁" and line[-1] == "█"
+    assert 'stroke="#c00000"' in sparkline_svg([1.0, float("inf"), 2.0])
+    assert len(sparkline(list(range(500)), width=40)) == 40
+
+
+def test_a_long_loop_does_not_keep_earlier_passes_graphs_alive():
+    import gc
+    import weakref
+
+    x = torch.ones(4, requires_grad=True)
+    with torchmagic.trace() as t:
+        first = None
+        for step in range(5):
+            loss = (x * step).tanh().sum()
+            if first is None:
+                first = weakref.ref(loss)
+            loss.backward()
+        gc.collect()
+        assert first() is None  # the first pass's output (and its graph) went away mid-loop
+    assert len(t.passes) == 5

@@ -326,9 +326,13 @@ class Recorder:
         try:
             node_count, signature = self._hook_graph([edge[0] for edge in root_edges], handles)
             pass_record = PassRecord(entry, root_edges, roots, node_count, signature)
-            # gradients of graphs from earlier passes are dropped unless this pass reaches them again
+            # Backward again through the same graph (retain_graph) adds up, as .grad does. A new graph
+            # (the next step of a training loop) starts afresh, parameters included, though their
+            # AccumulateGrad nodes are the same each step: the trace shows the last pass.
+            last = self.passes[-1].root_edges if self.passes else None
+            same_graph = bool(last) and [e[0] for e in last] == [e[0] for e in root_edges]
             for key, record in previous.items():
-                if key not in self._touched:
+                if not same_graph or key not in self._touched:
                     self._drop_grads(record)
             result = func(*args, **kwargs)
             if entry == "grad":
@@ -344,6 +348,8 @@ class Recorder:
             for handle in handles:
                 handle.remove()
             if pass_record is not None:
+                if self.passes:  # only the last pass's graph is drawn: let earlier graphs go
+                    self.passes[-1].root_edges, self.passes[-1].root_tensors = [], []
                 self.passes.append(pass_record)
                 self._close_pass()
 

@@ -212,10 +212,10 @@ class Trace:
             lines.append("gradients:")
             lines += grads
         if len(self.passes) > 1 and self.grad_history:
-            lines.append("gradient norm per pass:")
-            for name, history in self.grad_history.items():
-                values = [v for _, v in history]
-                lines.append(f"  {name}: {sparkline(values)}  first {values[0]:.3g}, last {values[-1]:.3g}")
+            from ..render.history import history_lines
+
+            lines.append("gradient norm per backward pass:")
+            lines += history_lines(self.grad_history)
         return "\n".join(lines)
 
     def html(self) -> str:
@@ -225,7 +225,13 @@ class Trace:
         import html as html_module
 
         note = f"<p><b>the code raised</b> {html_module.escape(self.error)}; showing what ran</p>" if self.error else ""
-        return f'<div class="torchmagic-trace">{note}{self.svg()}{gradient_table(self.nodes, self.missing)}</div>'
+        history = ""
+        if len(self.passes) > 1 and self.grad_history:
+            from ..render.history import history_table
+
+            history = history_table(self.grad_history)
+        table = gradient_table(self.nodes, self.missing)
+        return f'<div class="torchmagic-trace">{note}{self.svg()}{table}{history}</div>'
 
     def save(self, path: str | Path) -> Path:
         """Write the diagram as .svg, the whole graph as .dot/.gv, or the text view as .txt (by extension)."""
@@ -255,22 +261,3 @@ class Trace:
 
     def __repr__(self) -> str:
         return self.text()
-
-
-_SPARKS = "▁▂▃▄▅▆▇█"
-
-
-def sparkline(values: list[float]) -> str:
-    """``▁▂▅█`` for a list of numbers (log-free; NaN shown as ``!``)."""
-    finite = [v for v in values if v == v and abs(v) != float("inf")]
-    if not finite:
-        return "!" * len(values)
-    low, high = min(finite), max(finite)
-    span = high - low or 1.0
-    out = []
-    for v in values:
-        if v != v or abs(v) == float("inf"):
-            out.append("!")
-        else:
-            out.append(_SPARKS[min(7, int((v - low) / span * 7.999))])
-    return "".join(out)

@@ -1,0 +1,106 @@
+"""Per-pass gradient norms of a training loop as small plots: text sparklines and inline SVG.
+
+Norms that span more than two orders of magnitude are plotted on a log scale, so a vanishing
+or exploding gradient shows as a slope rather than a flat line with one spike.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Mapping, Sequence
+
+from ..trace.model import _format_number
+
+_SPARKS = "▁▂▃▄▅▆▇█"
+BAD = "#c00000"
+
+
+def _finite(value: float) -> bool:
+    return not (math.isnan(value) or math.isinf(value))
+
+
+def scale(values: Sequence[float]) -> tuple[list[float | None], bool]:
+    """Each value placed in [0, 1] (None where not finite), and whether the scale is logarithmic."""
+    finite = [v for v in values if _finite(v)]
+    if not finite:
+        return [None] * len(values), False
+    log = min(finite) > 0 and max(finite) / min(finite) > 100
+    f = math.log10 if log else (lambda v: v)
+    low, high = f(min(finite)), f(max(finite))
+    span = (high - low) or 1.0
+    return [None if not _finite(v) else (f(v) - low) / span for v in values], log
+
+
+def _buckets(values: Sequence[float], width: int) -> list[float]:
+    """At most ``width`` values: the mean of each run of passes (NaN/Inf wins within its run)."""
+    if len(values) <= width:
+        return list(values)
+    out = []
+    for i in range(width):
+        chunk = values[i * len(values) // width:(i + 1) * len(values) // width]
+        bad = [v for v in chunk if not _finite(v)]
+        out.append(bad[0] if bad else sum(chunk) / len(chunk))
+    return out
+
+
+def sparkline(values: Sequence[float], width: int = 40) -> str:
+    """``▁▂▅█`` for a list of numbers; ``!`` marks NaN or Inf."""
+    positions, _ = scale(_buckets(values, width))
+    return "".join("!" if p is None else _SPARKS[min(7, int(p * 7.999))] for p in positions)
+
+
+def sparkline_svg(values: Sequence[float], width: int = 160, height: int = 22) -> str:
+    """A small inline SVG line plot; NaN/Inf passes are red ticks at the top."""
+    positions, log = scale(values)
+    n = len(values)
+    step = width / max(1, n - 1)
+    points, bad = [], []
+    for i, p in enumerate(positions):
+        x = i * step if n > 1 else width / 2
+        if p is None:
+            bad.append(f'<line x1="{x:.1f}" y1="0" x2="{x:.1f}" y2="6" stroke="{BAD}" stroke-width="1.5"/>')
+        else:
+            points.append(f"{x:.1f},{height - 2 - p * (height - 4):.1f}")
+    line = f'<polyline fill="none" stroke="#1f5f9f" stroke-width="1.2" points="{" ".join(points)}"/>' if points else ""
+    title = f"<title>{n} passes{' (log scale)' if log else ''}</title>"
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">{title}{line}{"".join(bad)}</svg>')
+
+
+def _summary(values: Sequence[float]) -> tuple[str, str, str, str]:
+    finite = [v for v in values if _finite(v)]
+    bad = len(values) - len(finite)
+    low = _format_number(min(finite)) if finite else "-"
+    high = _format_number(max(finite)) if finite else "-"
+    return _format_number(values[0]), _format_number(values[-1]), f"{low} … {high}", str(bad)
+
+
+def history_lines(history: Mapping[str, Sequence[tuple[int, float]]]) -> list[str]:
+    from .text import table
+
+    rows = [("name", "per pass", "first", "last", "range", "NaN/Inf")]
+    for name, entries in history.items():
+        values = [v for _, v in entries]
+        positions, log = scale(values)
+        rows.append((name, sparkline(values) + (" (log)" if log else ""), *_summary(values)))
+    return table(rows)
+
+
+def history_table(history: Mapping[str, Sequence[tuple[int, float]]]) -> str:
+    esc = html.escape
+    left, right = ' style="text-align:left"', ' style="text-align:right"'
+    parts = ['<p style="margin:6px 0 2px 0"><b>gradient norm per backward pass</b></p>',
+             '<table class="torchmagic-table torchmagic-history"><thead><tr>']
+    for header, align in (("name", left), ("per pass", left), ("first", right), ("last", right),
+                          ("range", right), ("NaN/Inf", right)):
+        parts.append(f"<th{align}>{header}</th>")
+    parts.append("</tr></thead><tbody>")
+    for name, entries in history.items():
+        values = [v for _, v in entries]
+        first, last, span, bad = _summary(values)
+        cls = ' class="bad"' if bad != "0" else ""
+        parts.append(f"<tr{cls}><td{left}>{esc(name)}</td><td{left}>{sparkline_svg(values)}</td>"
+                     f"<td{right}>{first}</td><td{right}>{last}</td><td{right}>{esc(span)}</td><td{right}>{bad}</td></tr>")
+    parts.append("</tbody></table>")
+    return "".join(parts)
