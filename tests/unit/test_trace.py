@@ -354,3 +354,24 @@ def test_a_long_loop_does_not_keep_earlier_passes_graphs_alive():
         gc.collect()
         assert first() is None  # the first pass's output (and its graph) went away mid-loop
     assert len(t.passes) == 5
+
+
+def test_leaf_gradients_are_shared_with_grad_not_copied_and_later_changes_are_named():
+    w = torch.ones(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        (w * 2).sum().backward()
+    assert t.grad("w") is w.grad  # AccumulateGrad kept its buffer: no clone for the trace
+    assert t.node("w").grad.norm == pytest.approx(2 * 3 ** 0.5)
+
+    v = torch.ones(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        (v * 2).sum().backward()
+        torch.nn.utils.clip_grad_norm_([v], max_norm=1.0)  # changes v.grad in place
+    assert t.node("v").grad is None and "changed in place after backward" in t.node("v").missing_reason
+    assert t.grad_history["v"][0][1] == pytest.approx(2 * 3 ** 0.5)  # taken before the clipping
+
+    u = torch.ones(3, requires_grad=True)
+    u.grad = torch.full((3,), 10.0)  # accumulating into an existing .grad: the pass's own gradient is kept
+    with torchmagic.trace() as t:
+        (u * 2).sum().backward()
+    assert torch.equal(t.grad("u"), torch.full((3,), 2.0)) and torch.equal(u.grad, torch.full((3,), 12.0))

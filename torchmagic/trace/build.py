@@ -17,6 +17,8 @@ NOT_CALLED = "backward not called yet"
 NOT_REACHABLE = "not reachable from the output"
 NO_GRAD = "used only under torch.no_grad()"
 DETACHED = "used only through .detach()"
+CHANGED_IN_PLACE = (".grad was changed in place after backward (clipping, zero_grad(set_to_none=False)); "
+                    "the norm per pass was taken before")
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
@@ -163,7 +165,10 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
                 seen_forward=record is not None and record.seen_forward,
                 is_output=(node, output_nr) in root_set,
             )
-            if slot is not None:
+            if slot is not None and slot.version is not None and slot.tensor._version != slot.version:
+                # the leaf's .grad (which the trace shares, to spare a copy) changed after backward
+                trace_node.missing_reason = CHANGED_IN_PLACE
+            elif slot is not None:
                 seqs[trace_id] = slot.seq
                 if slot.tensor is not None:
                     grad_tensors[trace_id] = slot.tensor

@@ -80,13 +80,14 @@ def node_op_name(node: Any) -> str:
 class GradSlot:
     """The gradient that reached one output of one node: a kept tensor or a summary."""
 
-    __slots__ = ("tensor", "summary", "seq", "count")
+    __slots__ = ("tensor", "summary", "seq", "count", "version")
 
-    def __init__(self, tensor: torch.Tensor | None, summary: Any, seq: int) -> None:
+    def __init__(self, tensor: torch.Tensor | None, summary: Any, seq: int, version: int | None = None) -> None:
         self.tensor = tensor
         self.summary = summary
         self.seq = seq
         self.count = 1
+        self.version = version  # for a leaf's own .grad: its version when the pass ended
 
 
 class OpRecord:
@@ -195,7 +196,8 @@ class Recorder:
         self._mode: _RecordingMode | None = None
         self._module_stack: list[Any] = []
         self._module_handles: list[Any] = []
-        self._pass_leaf_grads: list[tuple[torch.Tensor, torch.Tensor]] = []
+        # (leaf, gradient or None when its .grad is taken after the pass, record, sequence number)
+        self._pass_leaf_grads: list[tuple[torch.Tensor, torch.Tensor | None, OpRecord | None, int]] = []
         self.last_edges: dict[Any, tuple] = {}
         _live_recorders.add(self)
 
@@ -387,9 +389,14 @@ class Recorder:
         for index, grad in enumerate(grad_outputs):
             if grad is None:
                 continue
+            if leaf is not None and leaf.grad is None and index not in slots and not grad.requires_grad:
+                # AccumulateGrad will make this very tensor the leaf's .grad, without a copy, unless
+                # we hold it too (then it clones). Take .grad itself once the pass is over instead.
+                self._pass_leaf_grads.append((leaf, None, record, self._seq))
+                continue
             self._store(record, slots, index, grad)
             if leaf is not None:
-                self._pass_leaf_grads.append((leaf, grad.detach()))
+                self._pass_leaf_grads.append((leaf, grad.detach(), None, 0))
 
     def _store(self, record: OpRecord, slots: dict, index: int, grad: torch.Tensor) -> None:
         if grad.requires_grad:  # create_graph=True: keep values, not the double-backward graph
@@ -397,6 +404,7 @@ class Recorder:
         slot = slots.get(index)
         if slot is not None and slot.tensor is not None:
             slot.tensor = slot.tensor + grad  # a second backward through the same graph accumulates
+            slot.version = None  # a sum of our own, no longer the leaf's .grad
             slot.count += 1
             return
         nbytes = grad.numel() * grad.element_size()
@@ -434,16 +442,31 @@ class Recorder:
                 record.grads = {}
             self._store(record, record.grads, index, grad)
             if tensor.grad_fn is None:
-                self._pass_leaf_grads.append((tensor, grad.detach()))
+                self._pass_leaf_grads.append((tensor, grad.detach(), None, 0))
 
     def _close_pass(self) -> None:
-        """Keep each leaf's gradient norm for this pass (a training loop's history)."""
+        """Collect the leaves' own .grad, and keep each leaf's gradient norm for this pass."""
         pending, self._pass_leaf_grads = self._pass_leaf_grads, []
-        if not pending:
+        grads = []
+        for leaf, grad, record, seq in pending:
+            if grad is None:  # deferred in the hook: this pass's gradient is now the leaf's .grad
+                grad = leaf.grad
+                if grad is None:
+                    continue
+                if record.grads is None:
+                    record.grads = {}
+                nbytes = grad.numel() * grad.element_size()
+                if self.kept_bytes + nbytes <= self.memory_budget:
+                    self.kept_bytes += nbytes
+                    record.grads[0] = GradSlot(grad, None, seq, grad._version)
+                else:
+                    record.grads[0] = GradSlot(None, PendingSummary(grad, self.small_values), seq)
+            grads.append((leaf, grad))
+        if not grads:
             return
-        norms = torch._foreach_norm([g.float() if not g.is_floating_point() else g for _, g in pending])
+        norms = torch._foreach_norm([g.float() if not g.is_floating_point() else g for _, g in grads])
         index = len(self.passes) - 1
-        for (leaf, _), norm in zip(pending, norms):
+        for (leaf, _), norm in zip(grads, norms):
             entry = self.leaf_history.get(id(leaf))
             if entry is None:
                 entry = self.leaf_history[id(leaf)] = (leaf, [])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import torch
@@ -84,26 +85,30 @@ class PendingSummary:
     __slots__ = ("shape", "dtype", "numel", "stats", "values")
 
     def __init__(self, tensor: torch.Tensor, small_values: int = 16) -> None:
-        data = _as_real(tensor).reshape(-1)
+        data = _as_real(tensor)  # reductions need no reshape (which would copy a strided gradient)
         self.shape = tuple(tensor.shape)
         self.dtype = tensor.dtype
         self.numel = data.numel()
-        self.values = data.clone() if self.numel <= small_values else None
+        self.values = data.reshape(-1).clone() if self.numel <= small_values else None
         if self.numel == 0:
             self.stats = None
             return
         low, high = torch.aminmax(data)
-        stats = torch.stack([data.sum(), low, high, torch.linalg.vector_norm(data)])
-        if data.device.type != "cpu" or not bool(torch.isfinite(stats).all()):
-            counts = torch.stack([torch.isnan(data).sum(), torch.isinf(data).sum()]).to(stats.dtype)
-            stats = torch.cat([stats, counts])
-        self.stats = stats
+        total, norm = data.sum(), torch.linalg.vector_norm(data)
+        if data.device.type == "cpu":  # reading a CPU number back costs nothing: keep plain floats
+            stats = [total.item(), low.item(), high.item(), norm.item()]
+            if not all(math.isfinite(v) for v in stats):
+                stats += [float(torch.isnan(data).sum()), float(torch.isinf(data).sum())]
+            self.stats = stats
+        else:  # no device sync in the hook: count NaN/Inf always, read everything back later
+            self.stats = torch.stack([total, low, high, norm, torch.isnan(data).sum().to(total.dtype),
+                                      torch.isinf(data).sum().to(total.dtype)])
 
     def resolve(self) -> GradientSummary:
         if self.stats is None:
             return GradientSummary(self.shape, 0, float("nan"), float("nan"), float("nan"), 0.0, 0, 0,
                                    [] if self.values is not None else None)
-        stats = self.stats.tolist()
+        stats = self.stats if isinstance(self.stats, list) else self.stats.tolist()
         total, low, high, norm = stats[:4]
         nan_count, inf_count = (int(stats[4]), int(stats[5])) if len(stats) > 4 else (0, 0)
         values = None
