@@ -104,6 +104,7 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
     seqs: dict[int, int] = {}
     in_graph_leaves: set[int] = set()
     has_passes = bool(recorder.passes)
+    lines: dict[Any, Any] = {}  # location -> SourceLine: a loop's ops share a handful of lines
 
     for op_id, node in enumerate(order):
         record = node.metadata.get(KEY)
@@ -160,7 +161,7 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
                 dtype=_dtype_name(dtype),
                 device=None if device is None else str(device),
                 inputs=inputs,
-                source=source_line(location, labeler),
+                source=lines[location] if location in lines else lines.setdefault(location, source_line(location, labeler)),
                 module=module,
                 seen_forward=record is not None and record.seen_forward,
                 is_output=(node, output_nr) in root_set,
