@@ -6,7 +6,7 @@ TORCH_PIN ?= torch==2.13.0
 CHROMIUM ?= /usr/bin/chromium
 BIN := $(VENV)/bin
 
-.PHONY: setup chromium demo test bench lint
+.PHONY: setup chromium demo test bench bench-smoke lint
 
 $(BIN)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +32,16 @@ demo: setup
 test: setup chromium
 	$(BIN)/python -m pytest
 
-bench: setup
+# torchviz, torchlens and psutil, for the rows that compare or measure memory
+$(BIN)/.bench: $(BIN)/.installed
+	$(BIN)/python -m pip install -q -e ".[bench]" "$(TORCH_PIN)"
+	touch $@
+
+bench: $(BIN)/.bench
 	$(BIN)/python benchmarks/run.py
+
+bench-smoke: $(BIN)/.bench
+	$(BIN)/python benchmarks/run.py --smoke
 
 lint: setup
 	$(BIN)/python -m pip install -q ruff

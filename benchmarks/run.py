@@ -1,15 +1,24 @@
-"""Speed figures as ratios measured side by side in one run (never asserted in tests).
+"""Speed and memory figures as ratios measured side by side in one run (never asserted in tests).
 
-    python benchmarks/run.py            # full sizes
+    python benchmarks/run.py            # full sizes (a few minutes)
     python benchmarks/run.py --smoke    # tiny sizes, for CI: proves every row still runs
+
+Rows that need an optional package (torchviz, torchlens, psutil: `pip install -e .[bench]`) say
+so and are skipped when it is missing. torchlens wraps torch functions globally once used, so its
+row runs in a child process, apart from the other rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import gc
+import json
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -18,6 +27,7 @@ import torch
 import torchmagic
 from torchmagic.assignments import BIND_NAME, BindDispatcher, instrument
 from torchmagic.convert import ConversionOptions, Converter, convert
+from torchmagic.render.svg import render_svg
 
 
 def timeit(fn, repeat: int) -> float:
@@ -30,12 +40,15 @@ def timeit(fn, repeat: int) -> float:
     return statistics.median(samples)
 
 
-def paired(plain, traced, repeat: int) -> tuple[float, float]:
-    """Interleave the two so machine noise hits both alike."""
+def paired(plain, other, repeat: int, warmup: int = 2) -> tuple[float, float]:
+    """Medians of the two, interleaved so machine noise hits both alike."""
+    for _ in range(warmup):
+        plain()
+        other()
     a, b = [], []
     for _ in range(repeat):
         a.append(timeit(plain, 1))
-        b.append(timeit(traced, 1))
+        b.append(timeit(other, 1))
     return statistics.median(a), statistics.median(b)
 
 
@@ -50,32 +63,55 @@ def traced(fn, summarise: bool = False):
 
 
 def row(label: str, value: str, target: str = "") -> None:
-    print(f"{label:<62} {value:>14}   {target}")
+    print(f"{label:<66} {value:>14}   {target}", flush=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    smoke = args.smoke
-    repeat = 3 if smoke else 15
-    torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads{' (smoke sizes)' if smoke else ''}")
+def ratio_rows(label: str, step, repeat: int, target: str) -> None:
+    plain, tr = paired(step, traced(step), repeat)
+    row(f"traced / plain, {label}", f"{tr / plain:.2f}x", f"target {target}")
+    plain, tr = paired(step, traced(step, summarise=True), repeat)
+    row("  the same, plus the gradient statistics a display computes", f"{tr / plain:.2f}x", "")
 
+
+def mlp_model(width: int):
+    return torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                               torch.nn.ReLU(), torch.nn.Linear(width, 10))
+
+
+def transformer_model(layers: int, d_model: int):
+    layer = torch.nn.TransformerEncoderLayer(d_model=d_model, nhead=8, dim_feedforward=4 * d_model,
+                                             batch_first=True, dropout=0.0)
+    return torch.nn.TransformerEncoder(layer, num_layers=layers, enable_nested_tensor=False)
+
+
+def diagram_seconds(trace) -> float:
+    """Statistics, view, DOT, layout and SVG of a fresh trace: what showing it costs."""
+    start = time.perf_counter()
+    trace.svg()
+    return time.perf_counter() - start
+
+
+def torchviz_seconds(output, params: dict) -> float | None:
+    try:
+        from torchviz import make_dot
+    except ImportError:
+        return None
+    start = time.perf_counter()
+    dot = make_dot(output, params=params)
+    render_svg(dot.source)  # the same in-process renderer (torchviz itself needs a system `dot`)
+    return time.perf_counter() - start
+
+
+def speed(smoke: bool, repeat: int) -> None:
     width, batch = (64, 8) if smoke else (512, 64)
-    mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
-                              torch.nn.ReLU(), torch.nn.Linear(width, 10))
+    mlp = mlp_model(width)
     x = torch.randn(batch, width)
 
     def mlp_step():
         mlp.zero_grad()
         mlp(x).pow(2).mean().backward()
 
-    plain, tr = paired(mlp_step, traced(mlp_step), repeat)
-    row(f"traced / plain, 3-layer MLP (width {width}, batch {batch}) fwd+bwd", f"{tr / plain:.2f}x", "target <= 1.15x")
-    plain, tr = paired(mlp_step, traced(mlp_step, summarise=True), repeat)
-    row("  the same, plus the gradient statistics a display computes", f"{tr / plain:.2f}x", "")
+    ratio_rows(f"3-layer MLP (width {width}, batch {batch}) fwd+bwd", mlp_step, repeat, "<= 1.15x")
 
     n_ops, size = (50, 10) if smoke else (1000, 100)
     leaf = torch.randn(size, size, requires_grad=True)
@@ -86,32 +122,68 @@ def main() -> None:
             h = h * 1.0001 if i % 2 else h + 0.001
         h.sum().backward()
 
-    plain, tr = paired(elementwise, traced(elementwise), repeat)
-    row(f"traced / plain, {n_ops} elementwise ops on {size}x{size} + backward", f"{tr / plain:.2f}x", "target <= 2x")
-    plain, tr = paired(elementwise, traced(elementwise, summarise=True), repeat)
-    row("  the same, plus the gradient statistics a display computes", f"{tr / plain:.2f}x", "")
+    ratio_rows(f"{n_ops} elementwise ops on {size}x{size} + backward", elementwise, repeat, "<= 2x")
 
-    with torchmagic.trace(max_nodes=600) as t:
+    layers, d_model, seq, tbatch = (2, 32, 8, 2) if smoke else (12, 256, 64, 8)
+    model = transformer_model(layers, d_model)
+    src = torch.randn(tbatch, seq, d_model)
+
+    def transformer_step():
+        model.zero_grad()
+        model(src).pow(2).mean().backward()
+
+    ratio_rows(f"{layers}-layer TransformerEncoder (d_model {d_model}, seq {seq}, batch {tbatch})",
+               transformer_step, max(3, repeat // 2), "<= 1.3x")
+
+    steps = 10 if smoke else 100
+    optimizer = torch.optim.SGD(mlp.parameters(), lr=1e-3)
+
+    def training_loop():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            mlp(x).pow(2).mean().backward()
+            optimizer.step()
+
+    plain, tr = paired(training_loop, traced(training_loop), max(3, repeat // 3), warmup=1)
+    row(f"traced / plain, MLP training loop of {steps} steps in one cell", f"{tr / plain:.2f}x", "per pass as MLP")
+
+    # diagrams: ours (statistics + view + layout + SVG) next to torchviz make_dot + the same renderer
+    chain = 50 if smoke else 500
+    with torchmagic.trace(max_nodes=chain + 10) as t:
         h = leaf
-        for _ in range(500 if not smoke else 50):
+        for _ in range(chain):
             h = torch.tanh(h)
-        h.sum().backward()
-    start = time.perf_counter()
-    t._svg = None
-    t.svg()
-    row(f"diagram time (DOT + layout + SVG), {len(t.nodes)}-node graph", f"{time.perf_counter() - start:.3f} s",
+        out = h.sum()
+        out.backward(retain_graph=True)
+    row(f"diagram time (stats + DOT + layout + SVG), {len(t.nodes)}-node chain", f"{diagram_seconds(t):.3f} s",
         "target < 0.3 s")
+    viz = torchviz_seconds(out, {"leaf": leaf})
+    row("  torchviz make_dot + the same in-process renderer, same graph",
+        "not installed" if viz is None else f"{viz:.3f} s", "reported")
 
-    # %%tensor
+    with torchmagic.trace() as t:
+        loss = model(src).pow(2).mean()
+        loss.backward(retain_graph=True)
+    seconds = diagram_seconds(t)
+    view = t.view()
+    row(f"diagram time, {layers}-layer transformer ({len(t.nodes)} tensors), collapsed by default",
+        f"{seconds:.3f} s", "target < 2 s")
+    print(f"    drawn: {view.box_count} boxes at depth {view.depth}; " + " / ".join(view.notes()))
+    viz = torchviz_seconds(loss, dict(model.named_parameters()))
+    row("  torchviz make_dot + the same in-process renderer, same graph (every node)",
+        "not installed" if viz is None else f"{viz:.3f} s", "reported")
+
+
+def conversion(smoke: bool, repeat: int) -> None:
     elements = 2**20 if smoke else 2**27  # 1 GiB of float64 at full size
     big = np.ones(elements)
     seconds = timeit(lambda: convert(big, "big"), repeat)
     row(f"%%tensor ndarray -> tensor, {big.nbytes / 2**20:.0f} MiB (shares memory)", f"{seconds * 1e6:.1f} us",
-        "target well under 1 ms")
+        "well under 1 ms")
     big = None  # free the GiB before the list benchmark
     values = [float(i) for i in range(10_000 if smoke else 1_000_000)]
     plain, ours = paired(lambda: torch.tensor(values), lambda: convert(values, "v"), max(3, repeat // 3))
-    row(f"%%tensor list of {len(values)} floats / torch.tensor", f"{ours / plain:.2f}x", "target <= 1x (+ noise)")
+    row(f"%%tensor list of {len(values)} floats / torch.tensor", f"{ours / plain:.2f}x", "<= 1x (+ noise)")
 
     cell = "\n".join(f"v{i} = {i}" for i in range(1000))
     plain_code = compile(cell, "<cell>", "exec")
@@ -123,7 +195,6 @@ def main() -> None:
     plain, ours = paired(lambda: exec(plain_code, ns_plain), lambda: exec(instrumented, ns_inst), repeat)
     row("per-assignment overhead of the instrumentation", f"{(ours - plain) / 1000 * 1e6:.2f} us", "a few us")
 
-    # default device cost: every factory call goes through torch's DeviceContext mode
     calls = 200 if smoke else 5000
 
     def factories():
@@ -137,6 +208,127 @@ def main() -> None:
     plain, ours = paired(factories, factories_meta, repeat)
     row("per torch call, a non-CPU default device (meta) vs none", f"{(ours - plain) / calls * 1e6:+.2f} us",
         "reported in %device?")
+
+
+def _quiet_shell():
+    from IPython.core.interactiveshell import InteractiveShell
+    from traitlets.config import Config
+
+    config = Config()
+    config.HistoryManager.hist_file = ":memory:"
+    shell = InteractiveShell.instance(config=config)
+    shell.display_pub.publish = lambda *args, **kwargs: None  # a front end that shows and forgets
+    return shell
+
+
+def ipython_costs(smoke: bool, repeat: int) -> None:
+    shell = _quiet_shell()
+    cell = "a = 1\nb = a + 1"
+    cells = 50 if smoke else 300
+
+    def run_cells():
+        for _ in range(cells):
+            shell.run_cell(cell, store_history=False)
+
+    before = timeit(run_cells, max(3, repeat // 3))
+    shell.run_line_magic("load_ext", "torchmagic")
+    after = timeit(run_cells, max(3, repeat // 3))
+    row("per-cell cost, extension loaded and tracing off", f"{(after - before) / cells * 1e3:+.3f} ms",
+        "target < 1 ms")
+
+    code = (
+        "import time, torch, IPython\n"
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "shell = InteractiveShell.instance()\n"
+        "start = time.perf_counter()\n"
+        "shell.run_line_magic('load_ext', 'torchmagic')\n"
+        "print(time.perf_counter() - start)\n"
+    )
+    samples = []
+    for _ in range(1 if smoke else 3):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        samples.append(float(done.stdout.strip().splitlines()[-1]))
+    row("%load_ext torchmagic, beyond import torch (fresh process)", f"{statistics.median(samples) * 1e3:.0f} ms",
+        "target < 150 ms")
+
+    try:
+        import psutil
+    except ImportError:
+        row("memory growth over traced cells", "psutil missing", "pip install -e .[bench]")
+        return
+    process = psutil.Process()
+    traced_cell = ("%%autograd_trace\nx = torch.ones(2, 2, requires_grad=True)\ny = x + 2\n"
+                   "z = y * y * 3\nout = z.mean()\nout.backward()")
+    shell.run_cell("import torch", store_history=False)
+    count = 100 if smoke else 1000
+    for _ in range(20):  # warm caches (linecache, fonts, layout) before measuring
+        shell.run_cell(traced_cell, store_history=False)
+    gc.collect()
+    start = process.memory_info().rss
+    for _ in range(count):
+        shell.run_cell(traced_cell, store_history=False)
+    gc.collect()
+    growth = (process.memory_info().rss - start) / 2**20
+    last = torchmagic.last_trace()
+    if last is None or len(last.nodes) != 5:
+        raise RuntimeError("the traced cells did not trace: the memory figure would mean nothing")
+    row(f"memory growth over {count} traced cells in one shell (each shown)", f"{growth:.1f} MB", "target < 50 MB")
+    print(f"    {len(torchmagic._history)} past traces kept (TorchMagic.history_size); RSS {start / 2**20:.0f} MB before")
+    shell.run_line_magic("unload_ext", "torchmagic")
+
+
+_TORCHLENS = """
+import json, statistics, sys, time, torch
+import torchlens as tl
+width, batch, repeat = {width}, {batch}, {repeat}
+mlp = torch.nn.Sequential(torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                          torch.nn.ReLU(), torch.nn.Linear(width, 10))
+x = torch.randn(batch, width)
+plain = lambda: mlp(x)
+lens = lambda: tl.trace(mlp, x)
+for _ in range(2):
+    plain(); lens()
+a, b = [], []
+for _ in range(repeat):
+    s = time.perf_counter(); plain(); a.append(time.perf_counter() - s)
+    s = time.perf_counter(); lens(); b.append(time.perf_counter() - s)
+print(json.dumps(statistics.median(b) / statistics.median(a)))
+"""
+
+
+def torchlens_row(smoke: bool, repeat: int) -> None:
+    width, batch = (64, 8) if smoke else (512, 64)
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("torchlens") is None:
+            raise ImportError
+    except ImportError:
+        row("torchlens trace / plain, same MLP, forward", "not installed", "pip install -e .[bench]")
+        return
+    code = _TORCHLENS.format(width=width, batch=batch, repeat=max(3, repeat // 2))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        row("torchlens trace / plain, same MLP, forward", "failed", done.stderr.strip().splitlines()[-1][:60])
+        return
+    ratio = json.loads(done.stdout.strip().splitlines()[-1])
+    row(f"torchlens.trace / plain, same MLP (width {width}), forward only", f"{ratio:.1f}x",
+        "reported next to ours")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true")
+    args = parser.parse_args()
+    smoke = args.smoke
+    repeat = 3 if smoke else 15
+    torch.manual_seed(0)
+    print(f"torchmagic benchmark · torch {torch.__version__} · {platform.machine()} · {os.cpu_count()} CPUs · "
+          f"{torch.get_num_threads()} threads{' · smoke sizes' if smoke else ''}")
+    speed(smoke, repeat)
+    torchlens_row(smoke, repeat)
+    conversion(smoke, repeat)
+    ipython_costs(smoke, repeat)
 
 
 if __name__ == "__main__":
