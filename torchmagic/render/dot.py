@@ -155,6 +155,15 @@ class _Clusters:
                 self._emit(sub, child, children)
 
 
+def _on_params(nodes: Sequence[TraceNode]) -> set[int]:
+    """Ids of parameters, and of one-input ops on them (``t``, ``view``, ``expand`` of a weight)."""
+    found: set[int] = set()
+    for node in nodes:  # inputs first, so an op's inputs are classified before it
+        if node.kind == "param" or (node.kind == "op" and len(node.inputs) == 1 and node.inputs[0] in found):
+            found.add(node.id)
+    return found
+
+
 def _natural(path: str) -> list:
     return [int(p) if p.isdigit() else p for p in path.split(".")]
 
@@ -165,7 +174,8 @@ def to_digraph(nodes: Sequence[TraceNode], *, title: str = "", max_nodes: int = 
     so output is deterministic. With a ``view``, tensors are drawn inside their module's cluster,
     collapsed modules as one box each, and folded copies of repeated blocks not at all."""
     graph = graphviz.Digraph("autograd_trace")
-    graph.attr(rankdir="TB", nodesep="0.25", ranksep="0.3", fontname="Helvetica", fontsize="11")
+    # newrank: ranks are global, so a parameter can share a rank with an activation in another cluster
+    graph.attr(rankdir="TB", nodesep="0.25", ranksep="0.3", fontname="Helvetica", fontsize="11", newrank="true")
     label = "\\l".join([title, *notes]) + ("\\l" if notes else "") if title or notes else ""
     if label:
         graph.attr(label=label, labelloc="t", labeljust="l")
@@ -180,8 +190,19 @@ def to_digraph(nodes: Sequence[TraceNode], *, title: str = "", max_nodes: int = 
     hidden = len(candidates) - len(shown)
     clusters = _Clusters(view)
 
+    on_params = _on_params(nodes)
+
     def where(node: TraceNode) -> str:
-        return view.cluster.get(node.id, "") if view is not None else ""
+        """The cluster a box is drawn in. A parameter (and an op on parameters alone, such as
+        Linear's ``t``) sits just outside its module's cluster, beside the chain of modules:
+        inside, it would stretch the cluster up alongside the previous module and Graphviz
+        would lay the modules out as a diagonal staircase."""
+        if view is None:
+            return ""
+        path = view.cluster.get(node.id, "")
+        if node.id in on_params and path:
+            return path.rsplit(".", 1)[0] if "." in path else ""
+        return path
 
     def endpoint(node: TraceNode) -> str:
         node = nodes[stand_in.get(node.id, node.id)]
