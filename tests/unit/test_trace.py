@@ -12,15 +12,7 @@ import torchmagic
 from torchmagic.trace.stats import PendingSummary, summarize
 from torchmagic.trace.recorder import KEY
 
-
-def seed():
-    with torchmagic.trace() as t:
-        x = torch.ones(2, 2, requires_grad=True)
-        y = x + 2
-        z = y * y * 3
-        out = z.mean()
-        out.backward()
-    return t, x, y, z, out
+from graphs import seed
 
 
 def test_seed_example_gives_the_textbook_gradients():
