@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import torchmagic
-from torchmagic.trace.stats import PendingSummary, summarize
+from torchmagic.trace.stats import PendingSummary, summarize, summarize_many
 from torchmagic.trace.recorder import KEY
 
 from graphs import seed
@@ -367,3 +367,21 @@ def test_leaf_gradients_are_shared_with_grad_not_copied_and_later_changes_are_na
     with torchmagic.trace() as t:
         (u * 2).sum().backward()
     assert torch.equal(t.grad("u"), torch.full((3,), 2.0)) and torch.equal(u.grad, torch.full((3,), 12.0))
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_statistics_of_big_gradients_match_torch(bad):
+    """Past STACK_LIMIT elements a gradient is reduced on its own, without a stacked copy."""
+    from torchmagic.trace.stats import STACK_LIMIT
+
+    torch.manual_seed(0)
+    grad = torch.randn(3, STACK_LIMIT).t()  # big and not contiguous
+    if bad:
+        grad[5, 1], grad[7, 2], grad[9, 0] = float("nan"), float("inf"), float("-inf")
+    (summary,) = summarize_many([grad])
+    assert summary.shape == (STACK_LIMIT, 3) and summary.numel == 3 * STACK_LIMIT
+    assert (summary.nan_count, summary.inf_count) == ((1, 2) if bad else (0, 0))
+    if not bad:
+        assert summary.mean == pytest.approx(grad.mean().item(), abs=1e-6)
+        assert (summary.min, summary.max) == (grad.min().item(), grad.max().item())
+        assert summary.norm == pytest.approx(grad.norm().item(), rel=1e-5)

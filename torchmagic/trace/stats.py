@@ -19,6 +19,11 @@ def _as_real(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+# Gradients up to this many elements are stacked and reduced together; bigger ones are reduced
+# one at a time with no copy (aminmax, sum, norm; NaN/Inf counted only when present).
+STACK_LIMIT = 4096
+
+
 def summarize(tensor: torch.Tensor, small_values: int = 16) -> GradientSummary:
     """Statistics of one tensor (values too when it has at most ``small_values`` elements)."""
     return summarize_many([tensor], small_values)[0]
@@ -37,6 +42,8 @@ def summarize_many(tensors: list[torch.Tensor], small_values: int = 16) -> list[
         if tensor.numel() == 0:
             results[i] = GradientSummary(tuple(tensor.shape), 0, float("nan"), float("nan"),
                                          float("nan"), 0.0, 0, 0, [] if small_values else None)
+        elif tensor.numel() > STACK_LIMIT:  # big enough that memory traffic, not kernel count, is the cost
+            results[i] = PendingSummary(tensor, small_values).resolve()
         else:
             groups[(tensor.device, tensor.numel())].append(i)
     for indices in groups.values():
