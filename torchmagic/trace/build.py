@@ -215,7 +215,7 @@ def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any
         grad_history=history,
         op_count=recorder.op_count,
         modules={path: names.module_types.get(path, "") for path in
-                 sorted({prefix for n in nodes if n.module for prefix in _prefixes(n.module)})},
+                 sorted({prefix for module in {n.module for n in nodes if n.module} for prefix in _prefixes(module)})},
     )
 
 

@@ -90,10 +90,13 @@ def _chain(path: str | None) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def _is_open(path: str, depth: int | None, expand: Iterable[str]) -> bool:
-    if depth is None or path.count(".") + 1 <= depth:
-        return True
+def _on_expand_path(path: str, expand: Iterable[str]) -> bool:
+    """An expanded module, one of its ancestors, or something inside it."""
     return any(e == path or e.startswith(path + ".") or path.startswith(e + ".") for e in expand)
+
+
+def _is_open(path: str, depth: int | None, expand: Iterable[str]) -> bool:
+    return depth is None or path.count(".") + 1 <= depth or _on_expand_path(path, expand)
 
 
 def plan(nodes: Sequence[TraceNode], modules: Mapping[str, str], *, depth: int | None = None,
@@ -137,8 +140,7 @@ def _plan(nodes, modules, depth, expand, fold, auto) -> View:
     folds: dict[str, Fold] = {}
     if fold:
         collapsed_paths = set(collapsed)
-        expanded = {p for p in drawn_units if any(e == p or e.startswith(p + ".") or p.startswith(e + ".")
-                                                  for e in expand)}
+        expanded = {p for p in drawn_units if _on_expand_path(p, expand)}
         _fold(nodes, modules, drawn_units - expanded, collapsed_paths, stand_in, folds)
     unknown = tuple(p for p in expand if p not in modules)
     return View(depth, auto, collapsed, owner, stand_in, folds, cluster, modules, unknown)
