@@ -219,3 +219,10 @@ def test_big_layouts_run_in_a_child_process_that_is_stopped_on_time(monkeypatch)
     bundle = t._repr_mimebundle_()
     assert set(bundle) == {"text/plain"}  # the front end shows the text view, with the reason
     assert "diagram unavailable: LayoutTimeout" in bundle["text/plain"] and "graph (inputs first):" in bundle["text/plain"]
+
+
+def test_a_smaller_node_limit_makes_the_default_depth_shallower():
+    t = blocks_trace(max_nodes=8)
+    view = t.view()
+    assert view.auto and view.box_count <= 8 and view.collapsed
+    assert "elided" not in t.to_dot()  # collapsing made it fit; nothing had to be left out

@@ -163,7 +163,10 @@ class Trace:
         """How the diagram shows modules: clusters, collapsed modules, folded repeats (a ``View``)."""
         from .view import plan
 
-        return plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold)
+        from .view import AUTO_DEPTH_NODES
+
+        return plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold,
+                    auto_target=min(AUTO_DEPTH_NODES, self.max_nodes))
 
     @property
     def digraph(self):
