@@ -226,3 +226,31 @@ def test_a_smaller_node_limit_makes_the_default_depth_shallower():
     view = t.view()
     assert view.auto and view.box_count <= 8 and view.collapsed
     assert "elided" not in t.to_dot()  # collapsing made it fit; nothing had to be left out
+
+
+class SqrtBlock(torch.nn.Module):
+    """sqrt at 0 in backward: an infinite gradient, then NaN, inside this block only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        return x + torch.sqrt(torch.relu(self.lin(x)))
+
+
+def test_the_module_with_the_first_nan_is_drawn_open_even_when_collapsed_by_default():
+    torch.manual_seed(0)
+    net = Net()
+    net.blocks[2] = SqrtBlock()
+    data = torch.randn(5, 3)
+    with torchmagic.trace(max_nodes=8) as t:  # small enough that blocks collapse by default
+        loss = net(data).square().mean()
+        loss.backward()
+    origin = t.nonfinite_origin
+    assert origin is not None and origin.module.startswith("net.blocks.2")
+    view = t.view()
+    assert view.revealed == origin.module and origin.id not in view.owner and origin.id not in view.stand_in
+    assert f"{view.revealed} drawn open: the first NaN/Inf gradient is inside it" in t.text()
+    assert "first NaN/Inf gradient here" in t.to_dot()
+    assert t.set_view(depth=1).view().revealed is None  # a depth asked for is kept as asked

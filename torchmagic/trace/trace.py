@@ -165,8 +165,10 @@ class Trace:
 
         from .view import AUTO_DEPTH_NODES
 
+        origin = self.nonfinite_origin
+        reveal = origin.module if origin is not None and origin.module and self.depth is None else None
         return plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold,
-                    auto_target=min(AUTO_DEPTH_NODES, self.max_nodes))
+                    auto_target=min(AUTO_DEPTH_NODES, self.max_nodes), reveal=reveal)
 
     @property
     def digraph(self):

@@ -57,6 +57,7 @@ class View:
     cluster: dict[int, str]  # node id -> the deepest open module containing it ("" for none)
     modules: Mapping[str, str]
     unknown_expand: tuple[str, ...] = ()
+    revealed: str | None = None  # opened because the first NaN/Inf gradient is inside
 
     @property
     def box_count(self) -> int:
@@ -67,6 +68,8 @@ class View:
     def notes(self) -> list[str]:
         """What the view left out of sight, in words, for the diagram and the text view."""
         out = [f"--expand {path}: no such module in this trace" for path in self.unknown_expand]
+        if self.revealed:
+            out.append(f"{self.revealed} drawn open: the first NaN/Inf gradient is inside it")
         if self.collapsed:
             shown = sorted(self.collapsed, key=lambda p: [int(c) if c.isdigit() else c for c in p.split(".")])
             how = "chosen to fit" if self.auto else "as asked"
@@ -100,11 +103,17 @@ def _is_open(path: str, depth: int | None, expand: Iterable[str]) -> bool:
 
 
 def plan(nodes: Sequence[TraceNode], modules: Mapping[str, str], *, depth: int | None = None,
-         expand: Sequence[str] = (), fold: bool = True, auto_target: int = AUTO_DEPTH_NODES) -> View:
+         expand: Sequence[str] = (), fold: bool = True, auto_target: int = AUTO_DEPTH_NODES,
+         reveal: str | None = None) -> View:
     """Decide clusters, collapsed modules and folds. ``depth=None`` picks the deepest level at
-    which the diagram has at most ``auto_target`` boxes (the ``expand`` paths open in any case)."""
+    which the diagram has at most ``auto_target`` boxes (the ``expand`` paths open in any case).
+    ``reveal``: a module to open whatever the depth (the one where the first NaN/Inf gradient is)."""
     levels = max((n.module.count(".") + 1 for n in nodes if n.module), default=0)
     expand = tuple(expand)
+    if reveal and reveal not in expand:
+        view = plan(nodes, modules, depth=depth, expand=(*expand, reveal), fold=fold, auto_target=auto_target)
+        view.revealed = reveal
+        return view
     if depth is not None or levels == 0:
         return _plan(nodes, modules, depth, expand, fold, auto=False)
     view = _plan(nodes, modules, None, expand, fold, auto=False)
