@@ -23,7 +23,7 @@ def test_demo_runs_and_keeps_its_diagrams(tmp_path):
     assert errors == []
     traced = [c for c in notebook.cells if c.cell_type == "code"
               and (c.source.startswith("%%autograd_trace") or "loss.backward()" in c.source and "opt.step()" in c.source)]
-    assert len(traced) == 5
+    assert len(traced) == 7
     for cell in traced:
         svgs = [o for o in cell.outputs if o.output_type == "display_data" and "image/svg+xml" in o["data"]]
         assert svgs, f"no diagram under: {cell.source[:40]!r}"
@@ -33,3 +33,7 @@ def test_demo_runs_and_keeps_its_diagrams(tmp_path):
     html = html_path.read_text()
     assert html.count("<svg") >= 5 and "<script" not in html
     assert "grad [[0.25, 0.25], [0.25, 0.25]]" in html and "first NaN/Inf gradient here" in html
+    # part 10: the transformer's layers folded, deep modules collapsed; part 11: norms per pass
+    assert "TransformerEncoderLayer ×" in html and "drawn collapsed" in html
+    assert "200 backward passes, graph of the last shown; same structure each pass" in html
+    assert "gradient norm per backward pass" in html and "<polyline" in html

@@ -39,6 +39,11 @@ def graph_lines(nodes: Sequence[TraceNode], max_nodes: int, view: View | None = 
     visible = [n for n in nodes if n.id not in stand_in]
     shown = visible if len(visible) <= max_nodes else visible[-max_nodes:]
     done_units: set[str] = set()
+
+    def ref(i: int) -> str:  # an input inside a collapsed module is named by the module
+        i = stand_in.get(i, i)
+        return owner[i] if i in owner else _ref(nodes[i])
+
     for node in shown:
         if node.id in owner:
             path = owner[node.id]
@@ -47,7 +52,7 @@ def graph_lines(nodes: Sequence[TraceNode], max_nodes: int, view: View | None = 
                 rows.append(_unit_row(view.collapsed[path], view.folds.get(path)))
             continue
         if node.kind == "op":
-            args = ", ".join(_ref(nodes[i]) for i in node.inputs)
+            args = ", ".join(ref(i) for i in node.inputs)
             what = f"{node.op}({args})"
             if node.output_nr or len([n for n in nodes if n.op_id == node.op_id]) > 1:
                 what += f"[{node.output_nr}]"
