@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import textwrap
 from collections.abc import Sequence
 
 import graphviz
@@ -176,7 +177,9 @@ def to_digraph(nodes: Sequence[TraceNode], *, title: str = "", max_nodes: int = 
     graph = graphviz.Digraph("autograd_trace")
     # newrank: ranks are global, so a parameter can share a rank with an activation in another cluster
     graph.attr(rankdir="TB", nodesep="0.25", ranksep="0.3", fontname="Helvetica", fontsize="11", newrank="true")
-    label = "\\l".join([title, *notes]) + ("\\l" if notes else "") if title or notes else ""
+    # notes wrap at 100 characters so they never make the picture wider than the graph needs
+    lines = [title] + [line for note in notes for line in textwrap.wrap(note, 100, subsequent_indent="    ")]
+    label = "\\l".join(lines) + ("\\l" if notes else "") if title or notes else ""
     if label:
         graph.attr(label=label, labelloc="t", labeljust="l")
     graph.attr("node", fontname="Helvetica", fontsize="11", margin="0.08,0.03")
