@@ -19,8 +19,8 @@ from traitlets import Float, Int, TraitError, Unicode, validate
 
 import torchmagic
 
-from .assignments import BIND_NAME, AssignmentInstrumenter, BindDispatcher
 from . import device as devices
+from .assignments import BIND_NAME, AssignmentInstrumenter, BindDispatcher
 from .convert import ConversionOptions, Converter, parse_dtype
 from .errors import TorchMagicError
 from .trace import Recorder, Trace
@@ -251,8 +251,9 @@ class TorchMagic(Magics):
         if args.depth is not None and args.depth < 0:
             raise UsageError("--depth must be 0 or more")
         if args.save:
-            from .trace.trace import SAVE_FORMATS
             import os
+
+            from .trace.trace import SAVE_FORMATS
 
             if os.path.splitext(args.save)[1].lower() not in SAVE_FORMATS:
                 raise UsageError(f"--save: cannot write {args.save!r}; use a file ending in {', '.join(SAVE_FORMATS)}")

@@ -79,9 +79,9 @@ def lab(tmp_path):
             try:
                 urllib.request.urlopen(f"{base}/api/status?token={TOKEN}", timeout=2).read()
                 break
-            except OSError:
+            except OSError as error:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text())
+                    raise AssertionError("JupyterLab did not start:\n" + (tmp_path / "lab.log").read_text()) from error
                 time.sleep(0.3)
         yield f"{base}/lab/tree/trace.ipynb?token={TOKEN}&reset"
     finally:

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from graphs import seed
 
 import torchmagic
-
-from graphs import seed
 
 GOLDEN = Path(__file__).parent / "golden"
 

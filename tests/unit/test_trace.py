@@ -7,12 +7,11 @@ import sys
 
 import pytest
 import torch
+from graphs import seed
 
 import torchmagic
-from torchmagic.trace.stats import PendingSummary, summarize, summarize_many
 from torchmagic.trace.recorder import KEY
-
-from graphs import seed
+from torchmagic.trace.stats import PendingSummary, summarize, summarize_many
 
 
 def test_seed_example_gives_the_textbook_gradients():
@@ -269,7 +268,7 @@ def test_an_exception_inside_the_block_still_gives_a_trace_and_cleans_up():
         with torchmagic.trace() as t:
             x = torch.ones(2, requires_grad=True)
             y = x * 2  # noqa: F841 - the trace names it
-            1 / 0
+            1 / 0  # noqa: B018 - the error is the point
     assert t.error.startswith("ZeroDivisionError")
     assert [n.name for n in t.nodes] == ["x", "y"]
 

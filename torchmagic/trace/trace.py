@@ -161,9 +161,7 @@ class Trace:
 
     def view(self):
         """How the diagram shows modules: clusters, collapsed modules, folded repeats (a ``View``)."""
-        from .view import plan
-
-        from .view import AUTO_DEPTH_NODES
+        from .view import AUTO_DEPTH_NODES, plan
 
         origin = self.nonfinite_origin
         reveal = origin.module if origin is not None and origin.module and self.depth is None else None
@@ -225,9 +223,9 @@ class Trace:
 
     def html(self) -> str:
         """Diagram (inline SVG) and gradient table as one HTML fragment."""
-        from ..render.html import gradient_table
-
         import html as html_module
+
+        from ..render.html import gradient_table
 
         note = f"<p><b>the code raised</b> {html_module.escape(self.error)}; showing what ran</p>" if self.error else ""
         history = ""

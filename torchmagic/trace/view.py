@@ -197,7 +197,7 @@ def _fold(nodes, modules, drawn_units, collapsed_paths, stand_in, folds) -> None
         parent, _, last = path.rpartition(".")
         if last.isdigit() and parent:
             by_parent.setdefault(parent, []).append((int(last), path))
-    for parent, children in sorted(by_parent.items()):
+    for _, children in sorted(by_parent.items()):
         children.sort()
         run: list[tuple[str, list[TraceNode], tuple]] = []
         for index, path in children:
