@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import textwrap
+from collections import Counter
 from collections.abc import Sequence
 
 import graphviz
@@ -221,12 +222,12 @@ def to_digraph(nodes: Sequence[TraceNode], *, title: str = "", max_nodes: int = 
         style = {"style": "filled", "fillcolor": BAD_FILL if unit.nonfinite else COLLAPSED_FILL}
         if unit.nonfinite:
             style["color"] = BAD_BORDER
-        parent = path.rsplit(".", 1)[0] if "." in path else ""
-        open_parent = parent if view.cluster.get(first.id, "") == parent else view.cluster.get(first.id, "")
+        open_parent = view.cluster.get(first.id, "")  # the open module the collapsed one sits in
         clusters.add(open_parent, unit_names[path], _collapsed_label(unit, view.folds.get(path), open_parent),
                      shape="box3d",
                      tooltip=graphviz.escape(f"{path} ({unit.kind}): {len(unit.node_ids)} tensors inside"), **style)
 
+    outputs_per_op = Counter(n.op_id for n in nodes)  # a multi-output op keeps its ellipse when folded
     by_op: dict[int, list[TraceNode]] = {}
     for node in candidates:
         by_op.setdefault(node.op_id, []).append(node)
@@ -240,9 +241,8 @@ def to_digraph(nodes: Sequence[TraceNode], *, title: str = "", max_nodes: int = 
             clusters.add(where(first), f"t{first.id}", _rows(first.label, first, True), shape="box",
                          tooltip=_tooltip(first), **_style(first, PARAM_FILL if first.kind == "param" else LEAF_FILL))
             continue
-        all_outputs = [n for n in nodes if n.op_id == op_id] if len(outputs) == 1 else outputs
         merged = [n for n in visible if not n.is_tensor_shown]
-        detail = merged[0] if len(merged) == 1 and len(all_outputs) == 1 else None
+        detail = merged[0] if len(merged) == 1 and outputs_per_op[op_id] == 1 else None
         if detail is not None:  # an op with its unnamed output folded in: a rounded box
             op_style = _style(detail, OP_FILL)
             op_style["style"] = "rounded," + op_style["style"]

@@ -168,13 +168,17 @@ class Trace:
         return plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold,
                     auto_target=min(AUTO_DEPTH_NODES, self.max_nodes), reveal=reveal)
 
-    @property
-    def digraph(self):
-        """The diagram as a ``graphviz.Digraph`` (what torchviz users know)."""
+    def _diagram(self):
         from ..render.dot import to_digraph
 
         view = self.view()
-        return to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes, view=view, notes=view.notes())
+        return to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes, view=view,
+                          notes=view.notes()), view
+
+    @property
+    def digraph(self):
+        """The diagram as a ``graphviz.Digraph`` (what torchviz users know)."""
+        return self._diagram()[0]
 
     def to_dot(self, full: bool = False) -> str:
         """DOT source of the diagram; deterministic for the same code. ``full=True``: every tensor
@@ -188,17 +192,14 @@ class Trace:
         return to_digraph(self.nodes, title=self.title(), max_nodes=len(self.nodes) or 1, view=view).source
 
     def svg(self) -> str:
-        """The diagram as SVG text, laid out in-process (no system Graphviz needed)."""
+        """The diagram as SVG text, laid out in-process (no system Graphviz needed); a big one in a
+        child process stopped after ``layout_timeout`` seconds (LayoutTimeout)."""
         if self._svg is None:
             from ..render.svg import render_svg
 
-            view = self.view()
+            graph, view = self._diagram()
             boxes = min(view.box_count, self.max_nodes)
-            from ..render.dot import to_digraph
-
-            dot = to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes, view=view,
-                             notes=view.notes()).source
-            self._svg = render_svg(dot, boxes=boxes, timeout=self.layout_timeout)
+            self._svg = render_svg(graph.source, boxes=boxes, timeout=self.layout_timeout)
         return self._svg
 
     def text(self) -> str:
