@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ast
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -299,12 +300,7 @@ print(json.dumps(statistics.median(b) / statistics.median(a)))
 
 def torchlens_row(smoke: bool, repeat: int) -> None:
     width, batch = (64, 8) if smoke else (512, 64)
-    try:
-        import importlib.util
-
-        if importlib.util.find_spec("torchlens") is None:
-            raise ImportError
-    except ImportError:
+    if importlib.util.find_spec("torchlens") is None:
         row("torchlens trace / plain, same MLP, forward", "not installed", "pip install -e .[bench]")
         return
     code = _TORCHLENS.format(width=width, batch=batch, repeat=max(3, repeat // 2))

@@ -82,7 +82,7 @@ def history_lines(history: Mapping[str, Sequence[tuple[int, float]]]) -> list[st
     rows = [("name", "per pass", "first", "last", "range", "NaN/Inf")]
     for name, entries in history.items():
         values = [v for _, v in entries]
-        positions, log = scale(values)
+        _, log = scale(values)
         rows.append((name, sparkline(values) + (" (log)" if log else ""), *_summary(values)))
     return table(rows)
 

@@ -50,6 +50,7 @@ class Trace:
         self._grad_tensors: dict[int, torch.Tensor] = {}
         self._recorder: Recorder | None = None
         self._svg: str | None = None
+        self._view = None  # the View for the current settings, computed once per display
 
     # -- recording ----------------------------------------------------------------------
     def recorder(self) -> Recorder:
@@ -68,6 +69,7 @@ class Trace:
         self.op_count = data["op_count"]
         self.modules = data["modules"]
         self._svg = None
+        self._view = None
         return self
 
     def __enter__(self) -> Trace:
@@ -157,16 +159,20 @@ class Trace:
         if max_nodes is not None:
             self.max_nodes = max_nodes
         self._svg = None
+        self._view = None
         return self
 
     def view(self):
         """How the diagram shows modules: clusters, collapsed modules, folded repeats (a ``View``)."""
+        if self._view is not None:
+            return self._view
         from .view import AUTO_DEPTH_NODES, plan
 
         origin = self.nonfinite_origin
         reveal = origin.module if origin is not None and origin.module and self.depth is None else None
-        return plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold,
-                    auto_target=min(AUTO_DEPTH_NODES, self.max_nodes), reveal=reveal)
+        self._view = plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold,
+                          auto_target=min(AUTO_DEPTH_NODES, self.max_nodes), reveal=reveal)
+        return self._view
 
     def _diagram(self):
         from ..render.dot import to_digraph
