@@ -111,6 +111,15 @@ class TraceNode:
     nonfinite_origin: bool = False
     grad_kept: bool = False
     grad_seq: int | None = field(default=None, repr=False)
+    # The module calls the op ran inside, outermost first: ((path, call number), ...). A module
+    # called three times (a GAN's discriminator) gives call numbers 1, 2, 3; a call number is
+    # 1-based and counts that module's calls within the trace. Empty outside any module.
+    scope: tuple[tuple[str, int], ...] = ()
+    grad_pass: int | None = None  # index (in Trace.passes) of the backward pass the gradient shown is from
+    # A leaf's own .grad at the end of the traced code, where it differs from ``grad`` (the last
+    # pass's contribution): accumulated over passes, clipped, zeroed.
+    leaf_grad: GradientSummary | None = None
+    leaf_grad_note: str | None = None  # why .grad differs, in words
 
     @property
     def label(self) -> str:
