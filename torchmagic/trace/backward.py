@@ -65,56 +65,80 @@ def edge_of(value: Any) -> Edge:
 
 
 class Walk:
-    """The graph under some roots: each node's ``next_functions`` (read once: about 1 us a read)."""
+    """The graph under some roots, walked once: its nodes, and its edges with the leaves' first.
 
-    __slots__ = ("nexts", "kinds", "sinks", "signature")
+    Edges are the ``(node, index)`` tuples of ``next_functions`` themselves, so keeping them makes
+    no new objects (each one kept is one more for Python's garbage collector to scan).
+    """
+
+    __slots__ = ("seen", "leaf_edges", "edges", "kinds", "sinks", "signature")
 
     def __init__(self, roots: Sequence[Edge]) -> None:
-        nexts: dict[Any, tuple] = {}
+        seen: set[Any] = set()
+        leaf_edges: list[Edge] = []
+        edges: list[Edge] = []
         kinds: list[type] = []
         sinks = 0
-        stack = [node for node, _ in roots if node is not None]
-        push, pop = stack.append, stack.pop
+        stack = []
+        for edge in roots:
+            node = edge[0]
+            if node is not None and node not in seen:
+                seen.add(node)
+                stack.append(node)
+                (leaf_edges if type(node) is ACCUMULATE_GRAD else edges).append(edge)
+        push, pop, add, accumulate_grad = stack.append, stack.pop, seen.add, ACCUMULATE_GRAD
+        leaf_edge, edge_add = leaf_edges.append, edges.append
         while stack:
             node = pop()
-            if node in nexts:
-                continue
-            children = nexts[node] = node.next_functions
             kind = type(node)
             kinds.append(kind)
+            if kind is accumulate_grad:
+                continue
             leads = False
-            for child, _ in children:
-                if child is not None:
-                    leads = True
-                    if child not in nexts:
+            for edge in node.next_functions:
+                child = edge[0]
+                if child is None:
+                    continue
+                leads = True
+                if type(child) is accumulate_grad:
+                    if child not in seen:
+                        add(child)
                         push(child)
-            if not leads and kind is not ACCUMULATE_GRAD:
+                        leaf_edge(edge)
+                else:
+                    edge_add(edge)
+                    if child not in seen:
+                        add(child)
+                        push(child)
+            if not leads:
                 sinks += 1
-        self.nexts = nexts
+        self.seen = seen
+        self.leaf_edges = leaf_edges
+        self.edges = list(dict.fromkeys(edges))  # a tensor used twice appears once
         self.kinds = kinds
         self.sinks = sinks
         self.signature = hash(tuple(kinds))
 
-    def edges(self, roots: Sequence[Edge]) -> list[Edge]:
-        """Every distinct edge of the graph, roots last."""
-        found = dict.fromkeys(edge for children in self.nexts.values() for edge in children if edge[0] is not None)
-        for root in roots:
-            found.setdefault(root)
-        return list(found)
+    def all_edges(self) -> list[Edge]:
+        """Every distinct edge, the leaves' first."""
+        return self.leaf_edges + self.edges
 
-    def kind_names(self) -> set[str]:
-        return {kind.__name__ for kind in set(self.kinds)}
+    def has_kind(self, name: str) -> bool:
+        return any(kind.__name__ == name for kind in set(self.kinds))
 
 
 class PassRecord:
-    """One backward call: where it was made, how it was recorded, and (while kept) its graph and gradients.
+    """One backward call: where it was made, how it was recorded, and (while kept) its gradients.
 
-    ``grads`` maps each edge to the gradient that reached it (a tensor) and ``summaries`` to the
-    statistics of one past the memory budget. Only the last pass of each call site keeps them.
+    A captured pass keeps the engine's answer as it came: ``edges`` and ``values`` side by side
+    (a tensor, or a PendingSummary past the memory budget). Prehooks fill ``grads`` (tensors) and
+    ``summaries``, which win over ``values`` for their edges (they saw what flowed on past a
+    user's hook). Only the last pass of each call site keeps them.
     """
 
-    __slots__ = ("index", "entry", "location", "strategy", "reason", "roots", "nexts", "grads", "summaries",
-                 "versions", "signature", "node_count", "failed", "inner", "kept", "leaf_grads")
+    __slots__ = ("index", "entry", "location", "strategy", "reason", "roots", "edges", "values", "grads",
+                 "summaries", "versions", "signature", "node_count", "failed", "inner", "kept", "leaf_grads",
+                 "nexts", "_index")
 
     def __init__(self, index: int, entry: str, location: Location | None) -> None:
         self.index = index
@@ -123,7 +147,8 @@ class PassRecord:
         self.strategy = "capture"
         self.reason = ""  # why the pass was recorded with prehooks, or left untouched
         self.roots: list[Edge] = []
-        self.nexts: dict[Any, tuple] = {}
+        self.edges: list[Edge] = []
+        self.values: list[Any] = []
         self.grads: dict[Edge, torch.Tensor] = {}
         self.summaries: dict[Edge, PendingSummary] = {}
         self.versions: dict[Edge, int] = {}  # leaf edges whose gradient is the leaf's own .grad
@@ -133,25 +158,64 @@ class PassRecord:
         self.inner: list[PassRecord] = []  # backward passes run from inside this one (reentrant checkpoint)
         self.kept = True
         self.leaf_grads: list[tuple[torch.Tensor, Edge]] = []  # (leaf, its edge) for each leaf this pass reached
+        self.nexts: set[Any] = set()  # the nodes walked (kept for passes run from inside another)
+        self._index: dict[Edge, int] | None = None
 
     def drop(self) -> None:
         """Let go of the graph and gradients (a later pass from the same call site replaces them)."""
-        self.roots, self.nexts, self.grads, self.summaries, self.versions = [], {}, {}, {}, {}
-        self.leaf_grads = []
-        self.inner = []
+        self.roots, self.edges, self.values, self.grads, self.summaries, self.versions = [], [], [], {}, {}, {}
+        self.leaf_grads, self.inner, self.nexts, self._index = [], [], set(), None
         self.kept = False
+
+    def items(self):
+        """(edge, tensor or summary) for every edge this pass kept something for."""
+        for edge, value in zip(self.edges, self.values):
+            if value is not None and edge not in self.grads and edge not in self.summaries:
+                yield edge, value
+        yield from self.grads.items()
+        yield from self.summaries.items()
 
     def gradient(self, edge: Edge) -> Any:
         """The tensor or summary kept for ``edge`` (None when this pass kept nothing for it)."""
-        grad = self.grads.get(edge)
-        return grad if grad is not None else self.summaries.get(edge)
+        for part in (self, *self.inner):
+            value = part.grads.get(edge)
+            if value is None:
+                value = part.summaries.get(edge)
+            if value is None and part.edges:
+                if part._index is None:
+                    part._index = {e: i for i, e in enumerate(part.edges)}
+                position = part._index.get(edge)
+                value = part.values[position] if position is not None else None
+            if value is not None:
+                return value
+        return None
+
+    def tensors(self):
+        """(container, key, tensor) for every kept tensor, so one can be replaced where it is kept."""
+        for i, value in enumerate(self.values):
+            if isinstance(value, torch.Tensor):
+                yield self.values, i, value
+        for edge, value in self.grads.items():
+            yield self.grads, edge, value
+
+    def intact(self, edge: Edge) -> bool:
+        """Whether the tensor kept for ``edge`` still holds what the pass computed (a leaf's gradient
+        shared with its ``.grad`` may have been changed in place by code the trace did not see)."""
+        version = self.versions.get(edge)
+        if version is None:
+            return True
+        value = self.gradient(edge)
+        return not isinstance(value, torch.Tensor) or value._version == version
 
 
 def tensor_bytes(tensor: torch.Tensor) -> int:
     try:
-        return tensor.numel() * tensor.element_size()
-    except Exception:
-        return 0
+        return tensor.nbytes
+    except Exception:  # sparse and some subclasses have no nbytes
+        try:
+            return tensor.numel() * tensor.element_size()
+        except Exception:
+            return 0
 
 
 def estimate_bytes(edges: Sequence[Edge], step: int = 16) -> float:
@@ -167,26 +231,26 @@ def estimate_bytes(edges: Sequence[Edge], step: int = 16) -> float:
     return total * len(edges) / max(1, len(sample))
 
 
-def needed_edges(roots: Sequence[Edge], walk: Walk, targets: set[Any]) -> list[Edge]:
+def needed_edges(roots: Sequence[Edge], targets: set[Any]) -> list[Edge]:
     """For ``autograd.grad``: the edges into nodes the engine runs (on a path from a root to an input)."""
-    needed: dict[Any, bool] = {}
+    children: dict[Any, tuple] = {}
     order: list[Any] = []
-    seen: set[Any] = set()
     stack = [(node, False) for node, _ in roots if node is not None]
     while stack:
         node, done = stack.pop()
         if done:
             order.append(node)
             continue
-        if node in seen:
+        if node in children:
             continue
-        seen.add(node)
+        children[node] = node.next_functions
         stack.append((node, True))
-        stack.extend((child, False) for child, _ in walk.nexts[node] if child is not None and child not in seen)
+        stack.extend((child, False) for child, _ in children[node] if child is not None and child not in children)
+    needed: dict[Any, bool] = {}
     for node in order:  # children first
-        needed[node] = node in targets or any(needed.get(child, False) for child, _ in walk.nexts[node]
+        needed[node] = node in targets or any(needed.get(child, False) for child, _ in children[node]
                                               if child is not None)
-    edges = dict.fromkeys(edge for node in order if needed[node] for edge in walk.nexts[node]
+    edges = dict.fromkeys(edge for node in order if needed[node] for edge in children[node]
                           if edge[0] is not None and needed.get(edge[0]) and edge[0] not in targets)
     for root in roots:
         if needed.get(root[0]) and root[0] not in targets:
@@ -260,6 +324,9 @@ def run_captured(call: EngineCall, engine: Any, edges: Sequence[Edge], hooked: S
     return grads[:user], grads[user:]
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def accumulate_leaf(node: Any, grad: torch.Tensor, others_hold_it: bool) -> bool:
     """Accumulate ``grad`` into the leaf's ``.grad`` as AccumulateGrad would, and say whether ``.grad``
     now is ``grad`` itself (shared with the trace, no copy made).
@@ -269,25 +336,36 @@ def accumulate_leaf(node: Any, grad: torch.Tensor, others_hold_it: bool) -> bool
     AccumulateGrad node (in-place add, layout-obeying copy, sparse rules, hooks).
     """
     leaf = node.variable
-    with torch._C.DisableTorchFunctionSubclass(), torch.no_grad():
-        if not others_hold_it and leaf.grad is None and _stealable(grad, leaf):
-            leaf.grad = grad
-            hooks = getattr(leaf, "_post_accumulate_grad_hooks", None)
-            if hooks:
-                for hook in list(hooks.values()):
-                    hook(leaf)
-            return True
-        if others_hold_it:  # a user's hook kept it: untraced, AccumulateGrad would copy rather than steal
-            grad = grad.clone(memory_format=torch.preserve_format)
+    if type(leaf) not in _PLAIN or type(grad) is not torch.Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return _accumulate(node, leaf, grad, others_hold_it)
+    return _accumulate(node, leaf, grad, others_hold_it)
+
+
+def _accumulate(node: Any, leaf: torch.Tensor, grad: torch.Tensor, others_hold_it: bool) -> bool:
+    if not others_hold_it and leaf.grad is None and _stealable(grad, leaf):
+        leaf.grad = grad
+        hooks = leaf._post_accumulate_grad_hooks
+        if hooks:
+            for hook in list(hooks.values()):
+                hook(leaf)
+        return True
+    if others_hold_it:  # a user's hook kept it: untraced, AccumulateGrad would copy rather than steal
+        grad = grad.clone(memory_format=torch.preserve_format)
+    enabled = torch.is_grad_enabled()
+    torch._C._set_grad_enabled(False)  # the engine runs AccumulateGrad with grad mode off (no create_graph)
+    try:
         node(grad)
+    finally:
+        torch._C._set_grad_enabled(enabled)
     return False
 
 
 def _stealable(grad: torch.Tensor, leaf: torch.Tensor) -> bool:
     try:
-        return (grad.layout == torch.strided and leaf.layout == torch.strided and not grad.requires_grad
-                and grad.dtype == leaf.dtype and grad.device == leaf.device and grad.shape == leaf.shape
-                and grad.stride() == leaf.stride()
+        # the engine has already made the gradient's shape, dtype and device the leaf's own;
+        # stride() raises for sparse tensors
+        return (grad.stride() == leaf.stride() and not grad.requires_grad
                 and (grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)))
     except Exception:  # meta, nested or subclass tensors: let AccumulateGrad decide
         return False

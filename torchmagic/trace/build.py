@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .backward import ACCUMULATE_GRAD, HOOK_WRAPPER, PassRecord, edge_of
+from .backward import ACCUMULATE_GRAD, HOOK_WRAPPER, PassRecord
 from .forward import ForwardLog, Location, op_name
 from .model import MissingGradient, PassInfo, SourceLine, TraceNode
 from .naming import Labeler, NamespaceNames, source_line
@@ -144,12 +144,9 @@ class Builder:
         return list(dict.fromkeys(edge for edge in edges if edge[0] is not None))
 
     def adjacency(self) -> dict[Any, tuple]:
-        nexts: dict[Any, tuple] = {}
-        for record in self.kept:
-            nexts.update(record.nexts)
-            for inner in record.inner:
-                nexts.update(inner.nexts)
-        return nexts
+        """Filled in by the walk below (passes keep no adjacency: each kept object costs the
+        garbage collector a visit at every full collection)."""
+        return {}
 
     @staticmethod
     def post_order(roots: list[Any], nexts: dict[Any, tuple]) -> list[Any]:
@@ -191,9 +188,8 @@ class Builder:
         found: dict[tuple[Any, int], list[tuple[int, Any, PassRecord]]] = {}
         for record in self.kept:
             for part in [record, *record.inner]:
-                for store in (part.grads, part.summaries):
-                    for edge, value in store.items():
-                        found.setdefault(alias.get(edge, edge), []).append((record.index, value, part))
+                for edge, value in part.items():
+                    found.setdefault(alias.get(edge, edge), []).append((record.index, value, part))
         return found
 
     def edge_names(self, order: list[Any], seqs: dict[Any, int], alias: dict) -> dict[tuple[Any, int], list]:
@@ -232,7 +228,7 @@ class Builder:
         return inner_nodes - outer
 
     def make_nodes(self, order, nexts, alias, roots, gradients, seqs, edge_names, recomputed):
-        root_set = set(roots)
+        set(roots)
         used: dict[Any, set[int]] = {}
         for node in order:
             for edge in nexts[node]:
@@ -475,14 +471,16 @@ class Builder:
 
     def history(self) -> dict[str, list[tuple[int, float]]]:
         out: dict[str, list[tuple[int, float]]] = {}
-        for key, (leaf, norms) in self.recorder.leaf_history.items():
+        for record in self.kept:
+            self.recorder.leaf_norms(record)
+        for key, (_leaf, norms) in self.recorder.leaf_history.items():
             info = self.recorder.leaves.get(key)
             label = self._leaf_label(key, info.names[0][0] if info is not None and info.names else None)
             if label is None:
                 continue
             by_pass: dict[int, float] = {}
             for index, norm in norms:
-                by_pass[index] = float(norm)
+                by_pass[index] = float("nan") if norm is None else float(norm)
             out[label] = sorted(by_pass.items())
         return out
 

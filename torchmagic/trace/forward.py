@@ -81,6 +81,23 @@ def writes_in_place(func: Any) -> bool:
     return name.endswith("_") and not name.endswith("__")
 
 
+def _module_call_codes() -> frozenset:
+    """The code objects of ``nn.Module.__call__``'s plumbing (a forward hook's callers)."""
+    from types import CodeType
+
+    from torch.nn import Module
+
+    codes = set()
+    for function in (Module._call_impl, Module._wrapped_call_impl):
+        code = function.__code__
+        codes.add(code)
+        codes.update(c for c in code.co_consts if isinstance(c, CodeType))
+    return frozenset(codes)
+
+
+_MODULE_CALL_CODES = _module_call_codes()
+
+
 class LeafInfo:
     """A leaf tensor that requires grad, seen while recording: what made it, where, what cut it off."""
 
@@ -110,7 +127,7 @@ class ForwardLog:
     """Flat lists of what the forward side saw, in sequence-number order; read by the trace's build."""
 
     __slots__ = ("thread", "first_seq", "end_seq", "op_start", "op_end", "op_func", "line_seq", "line_code",
-                 "line_no", "module_seq", "module_event", "bindings")
+                 "line_no", "module_seq", "module_event", "bindings", "depth", "last_code", "last_line")
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
@@ -125,6 +142,46 @@ class ForwardLog:
         self.module_seq: list[int] = []
         self.module_event: list[Any] = []  # the module entered, or None where the innermost one returned
         self.bindings: dict[int, list[tuple[int, str, Location | None]]] = {}  # node seq -> (output, name, line)
+        self.depth = 0  # module calls open on the recording thread
+        self.last_code: Any = None  # the line marked last
+        self.last_line = -1
+
+    def mark(self, code: Any, line: int, seq: int) -> None:
+        """Note that ops from ``seq`` on come from ``line`` of ``code`` (where that changed)."""
+        if code is not self.last_code or line != self.last_line:
+            self.last_code, self.last_line = code, line
+            self.line_seq.append(seq)
+            self.line_code.append(code)
+            self.line_no.append(line)
+
+    def mark_user_frame(self, frame: Any, seq: int) -> None:
+        """Mark the line of the nearest user frame at or above ``frame``."""
+        while frame is not None and _is_internal(frame.f_code):
+            frame = frame.f_back
+        if frame is not None:
+            self.mark(frame.f_code, frame.f_lineno, seq)
+
+    def enter_module(self, module: Any, frame: Any) -> None:
+        """A module call begins: note it, and the user's line that made it (where the caller is the
+        user's code, or this is the outermost call: a module called by torch's own code inside
+        another module keeps that module's line)."""
+        seq = sequence_nr()
+        self.depth += 1
+        self.module_seq.append(seq)
+        self.module_event.append(module)
+        while frame is not None and frame.f_code in _MODULE_CALL_CODES:
+            frame = frame.f_back
+        if frame is None:
+            return
+        if not _is_internal(frame.f_code):
+            self.mark(frame.f_code, frame.f_lineno, seq)
+        elif self.depth == 1:
+            self.mark_user_frame(frame, seq)
+
+    def leave_module(self) -> None:
+        self.depth -= 1
+        self.module_seq.append(sequence_nr())
+        self.module_event.append(None)
 
     def close(self) -> None:
         if self.end_seq is None:
@@ -189,11 +246,11 @@ class RecordingMode(TorchFunctionMode):
         self._op_end = log.op_end.append
         self._op_func = log.op_func.append
         self._log = log
-        self._last_code: Any = None
-        self._last_line = -1
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        if _is_compiling() or _peek_transform() is not None:
+        if _is_compiling():  # Dynamo traces this method: no side effects of ours may get into its graph
+            return func(*args, **kwargs) if kwargs else func(*args)
+        if _peek_transform() is not None:
             self.recorder.note_untraced(func)
             return func(*args, **kwargs) if kwargs else func(*args)
         recorder = self.recorder
@@ -203,36 +260,20 @@ class RecordingMode(TorchFunctionMode):
         out = func(*args, **kwargs) if kwargs else func(*args)
         end = sequence_nr()
         if end != start:
+            log = self._log
             frame = sys._getframe(1)
             code = frame.f_code
-            if code is not self._last_code or frame.f_lineno != self._last_line:
-                self._mark_line(frame, start)
+            if code is not log.last_code or frame.f_lineno != log.last_line:
+                if not _is_internal(code):
+                    log.mark(code, frame.f_lineno, start)
+                elif not log.depth:  # inside a module call, its entry marked the user's line
+                    log.mark_user_frame(frame, start)
             self._op_start(start)
             self._op_end(end)
             self._op_func(func)
         else:
             recorder.no_node(func, out, args)
         return out
-
-    def _mark_line(self, frame: Any, seq: int) -> None:
-        """Note the user's line where it changed. The calling frame is remembered for a fast
-        check on the next op only when it is the user's own (else the walk runs each time)."""
-        caller_code, caller_line = frame.f_code, frame.f_lineno
-        while frame is not None and _is_internal(frame.f_code):
-            frame = frame.f_back
-        if _is_internal(caller_code):
-            self._last_code = None
-        else:
-            self._last_code, self._last_line = caller_code, caller_line
-        if frame is None:
-            return
-        log = self._log
-        code, line = frame.f_code, frame.f_lineno
-        if log.line_code and log.line_code[-1] is code and log.line_no[-1] == line:
-            return
-        log.line_seq.append(seq)
-        log.line_code.append(code)
-        log.line_no.append(line)
 
 
 def find_mode_on_stack(mode: TorchFunctionMode) -> int | None:

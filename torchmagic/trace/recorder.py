@@ -33,7 +33,6 @@ from .forward import (
     _peek_transform,
     op_name,
     remove_mode,
-    sequence_nr,
     tensor_class,
     user_location,
 )
@@ -44,6 +43,15 @@ _own_call = threading.local()  # set while a recorder runs the engine itself: ou
 MAX_CALL_SITES = 16  # distinct backward call sites whose last pass keeps its graph (oldest let go first)
 UNTRACED_TRANSFORMS = ("torch.func transform", "code inside torch.func transforms (vmap, grad, jacrev, ...) ran "
                        "untouched: their inner gradients are not in this trace")
+
+
+def _grad_of(leaf: torch.Tensor) -> Any:
+    """``leaf.grad``, not through a subclass's ``__torch_function__`` (and without the cost of the
+    context that avoids it, for plain tensors and parameters)."""
+    if type(leaf) in bw._PLAIN:
+        return leaf.grad
+    with _no_subclass():
+        return leaf.grad
 
 
 def recorders_holding_state() -> list[Recorder]:
@@ -78,6 +86,7 @@ class Recorder:
         self._original_engine: Any = None
         self._installed_engine: Any = None
         self._closed = False
+        self._distributed = False
         self._running: bw.PassRecord | None = None
         _live_recorders.add(self)
 
@@ -96,18 +105,16 @@ class Recorder:
         self.log = ForwardLog()
         self._thread = self.log.thread
         log = self.log
-        module_seq, module_event, thread = log.module_seq.append, log.module_event.append, self._thread
-        get_ident = threading.get_ident
+        thread = self._thread
+        get_ident, getframe = threading.get_ident, sys._getframe
 
         def enter(module, args):
             if get_ident() == thread:
-                module_seq(sequence_nr())
-                module_event(module)
+                log.enter_module(module, getframe(1))
 
         def leave(module, args, output):
             if get_ident() == thread:
-                module_seq(sequence_nr())
-                module_event(None)
+                log.leave_module()
 
         self._module_handles = [nn_module.register_module_forward_pre_hook(enter),
                                 nn_module.register_module_forward_hook(leave, always_call=True)]
@@ -115,6 +122,7 @@ class Recorder:
         self._installed_engine = self._engine  # one bound method, so stop() can find it by identity
         graph_module._engine_run_backward = autograd_module._engine_run_backward = self._installed_engine
         self._closed = False
+        self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         mode = RecordingMode(self)
         mode.__enter__()
         self._mode = mode
@@ -254,22 +262,25 @@ class Recorder:
                 hit.add(pointer)
 
     def _unshare(self, pointers: set[int]) -> None:
+        """Replace every kept gradient sharing memory with the ``.grad`` tensors at ``pointers`` by a copy."""
         storages = set()
         for record in self.passes:
-            for edge, grad in list(record.grads.items()):
-                try:
-                    if grad.data_ptr() in pointers:
-                        storages.add(grad.untyped_storage().data_ptr())
-                except Exception:
-                    continue
+            for part in (record, *record.inner):
+                for _, _, grad in part.tensors():
+                    try:
+                        if grad.data_ptr() in pointers:
+                            storages.add(grad.untyped_storage().data_ptr())
+                    except Exception:
+                        continue
         for record in self.passes:
-            for edge, grad in list(record.grads.items()):
-                try:
-                    if grad.untyped_storage().data_ptr() in storages:
-                        record.grads[edge] = grad.clone()
-                        record.versions.pop(edge, None)
-                except Exception:
-                    continue
+            for part in (record, *record.inner):
+                for container, key, grad in list(part.tensors()):
+                    try:
+                        if grad.untyped_storage().data_ptr() in storages:
+                            container[key] = grad.clone()
+                    except Exception:
+                        continue
+                part.versions.clear()
         self.shared_grads -= pointers
 
     # -- backward ---------------------------------------------------------------------------
@@ -308,8 +319,7 @@ class Recorder:
             self._running = None
 
     def _strategy(self, call: bw.EngineCall, walk: bw.Walk) -> tuple[str, str]:
-        kinds = walk.kind_names()
-        if bw.REENTRANT_CHECKPOINT in kinds:
+        if walk.has_kind(bw.REENTRANT_CHECKPOINT):
             return "hooks", "reentrant checkpoint (it refuses the engine's capture mode)"
         if call.create_graph:
             return "hooks", "create_graph=True"
@@ -317,7 +327,7 @@ class Recorder:
             return "hooks", "backward(inputs=...)"
         if walk.sinks:
             return "hooks", "the graph has nodes that lead nowhere"
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._distributed:
             return "hooks", "a distributed process group (DDP hooks on AccumulateGrad)"
         return "capture", ""
 
@@ -332,15 +342,16 @@ class Recorder:
             oldest = next(iter(self.call_sites))
             self._drop(self.passes[self.call_sites.pop(oldest)])
         record.strategy, record.reason = strategy, reason
-        record.roots, record.nexts = roots, walk.nexts
-        record.signature, record.node_count = walk.signature, len(walk.nexts)
+        record.roots = roots
+        record.signature, record.node_count = walk.signature, len(walk.seen)
         self.passes.append(record)
 
     def _drop(self, record: bw.PassRecord) -> None:
+        self.leaf_norms(record)
         if self.shared_grads:
             for edge in record.versions:
-                grad = record.grads.get(edge)
-                if grad is not None:
+                grad = record.gradient(edge)
+                if isinstance(grad, torch.Tensor):
                     self.shared_grads.discard(grad.data_ptr())
         record.drop()
 
@@ -353,23 +364,27 @@ class Recorder:
 
     def _captured_pass(self, call: bw.EngineCall, record: bw.PassRecord, walk: bw.Walk, roots: list) -> Any:
         if call.accumulate_grad:
-            edges = walk.edges(roots)
+            edges = walk.all_edges()
+            leaf_count = len(walk.leaf_edges)
         else:
-            targets = {bw.edge_of(t)[0] for t in call.inputs}
-            edges = bw.needed_edges(roots, walk, targets)
+            edges = bw.needed_edges(roots, {bw.edge_of(t)[0] for t in call.inputs})
+            leaf_count = 0
         keeper = bw.GradientKeeper(record, self.memory_budget, self.small_values)
-        hooked = [node for node in self.hooked if node in walk.nexts]
-        if bw.estimate_bytes(edges) > 4 * self.memory_budget:
+        hooked = [node for node in self.hooked if node in walk.seen]
+        estimate = bw.estimate_bytes(edges)
+        if estimate > 4 * self.memory_budget:
             edges, summarised = self._split_for_budget(edges)
             hooked += summarised
         user_grads, grads = self._run_own(bw.run_captured, call, self._original_engine, edges, hooked, keeper)
-        leaves = self._accumulate(record, edges, grads) if call.accumulate_grad else []
-        self._keep(record, edges, grads, keeper)
+        leaves = self._accumulate(record, edges, grads, leaf_count)
+        record.edges, record.values = edges, list(grads)
+        if len(edges) <= 64 or estimate > self.memory_budget / 2:  # small, or near the budget: count exactly
+            self._keep_within_budget(record, keeper)
         if not call.accumulate_grad:
             for tensor, grad in zip(call.inputs, user_grads):
                 if grad is not None:
                     edge = bw.edge_of(tensor)
-                    if edge not in record.grads and edge not in record.summaries:
+                    if record.gradient(edge) is None:
                         keeper.keep(edge, grad)
                     if type(edge[0]) is bw.ACCUMULATE_GRAD:
                         leaves.append((edge[0].variable, edge, grad))
@@ -398,68 +413,54 @@ class Recorder:
                 over[node] = None
         return captured, list(over)
 
-    def _accumulate(self, record: bw.PassRecord, edges: list, grads: tuple) -> list:
-        """Each leaf's gradient into its ``.grad``, by its own AccumulateGrad node, as the engine would."""
+    def _accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int) -> list:
+        """Each leaf's gradient (the first ``count`` edges) into its ``.grad``, by its own
+        AccumulateGrad node's rules, as the engine would have."""
         leaves = []
-        accumulate_grad = bw.ACCUMULATE_GRAD
-        for i in range(len(edges)):
-            edge = edges[i]
-            node = edge[0]
-            if type(node) is not accumulate_grad:
-                continue
+        for i in range(count):
             grad = grads[i]
             if grad is None:
                 continue
+            edge = edges[i]
+            node = edge[0]
             leaf = node.variable
-            with _no_subclass():
-                old = leaf.grad
+            old = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
             if old is not None and self.shared_grads:
                 self._hit(old, hit := set())
                 if hit:
                     self._unshare(hit)
             # held by the grads tuple, `grad` and getrefcount's argument; more means a user's hook kept it
             others_hold_it = sys.getrefcount(grad) > 3
-            shared = bw.accumulate_leaf(node, grad, others_hold_it)
-            if shared:
+            if bw.accumulate_leaf(node, grad, others_hold_it):
                 self.shared_grads.add(grad.data_ptr())
                 record.versions[edge] = grad._version
             leaves.append((leaf, edge, grad))
         return leaves
 
-    def _keep(self, record: bw.PassRecord, edges: list, grads: tuple, keeper: bw.GradientKeeper) -> None:
-        """Keep each edge's gradient within the budget, counting a tensor shared by edges once."""
+    def _keep_within_budget(self, record: bw.PassRecord, keeper: bw.GradientKeeper) -> None:
+        """Past the memory budget, keep statistics instead of tensors (a tensor shared by edges counts once)."""
         counted: set[int] = set()
         kept = keeper.kept_bytes
-        budget = self.memory_budget
-        over = []
-        own_grads, own_summaries = record.grads, record.summaries
-        for i in range(len(edges)):
-            grad = grads[i]
-            if grad is None:
-                continue
-            edge = edges[i]
-            if edge in own_grads or edge in own_summaries:  # a prehook saw what flowed on past a user's hook
+        values = record.values
+        for i, grad in enumerate(values):
+            if not isinstance(grad, torch.Tensor):
                 continue
             key = id(grad)
-            if key not in counted:
-                size = bw.tensor_bytes(grad)
-                if kept + size > budget:
-                    over.append((edge, grad))
-                    continue
-                kept += size
-                counted.add(key)
-            own_grads[edge] = grad
-        for edge, grad in over:
-            own_summaries[edge] = PendingSummary(grad, self.small_values)
+            if key in counted:
+                continue
+            size = bw.tensor_bytes(grad)
+            if kept + size > self.memory_budget:
+                values[i] = PendingSummary(grad, self.small_values)
+                continue
+            kept += size
+            counted.add(key)
         keeper.kept_bytes = kept
 
     def _hooked_pass(self, call: bw.EngineCall, record: bw.PassRecord, walk: bw.Walk) -> Any:
         keeper = bw.GradientKeeper(record, self.memory_budget, self.small_values)
-        result = self._run_own(bw.run_hooked, call, self._original_engine, record, list(walk.nexts), keeper)
-        leaves = []
-        for edge in list(record.grads) + list(record.summaries):
-            if type(edge[0]) is bw.ACCUMULATE_GRAD:
-                leaves.append((edge[0].variable, edge, record.gradient(edge)))
+        result = self._run_own(bw.run_hooked, call, self._original_engine, record, list(walk.seen), keeper)
+        leaves = [(edge[0].variable, edge, value) for edge, value in record.items()
+                  if type(edge[0]) is bw.ACCUMULATE_GRAD]
         if not call.accumulate_grad and result:
             for tensor, grad in zip(call.inputs, result):
                 if grad is not None:
@@ -476,26 +477,46 @@ class Recorder:
         inner.strategy, inner.reason = "hooks", "run during the pass by reentrant checkpoint"
         roots = [bw.edge_of(t) for t in call.outputs]
         walk = bw.Walk(roots)
-        inner.roots, inner.nexts, inner.node_count = roots, walk.nexts, len(walk.nexts)
+        inner.roots, inner.nexts, inner.node_count = roots, walk.seen, len(walk.seen)
         running.inner.append(inner)
         keeper = bw.GradientKeeper(inner, self.memory_budget, self.small_values)
-        result = self._run_own(bw.run_hooked, call, self._original_engine, inner, list(walk.nexts), keeper)
-        leaves = [(edge[0].variable, edge, inner.gradient(edge)) for edge in list(inner.grads) + list(inner.summaries)
+        result = self._run_own(bw.run_hooked, call, self._original_engine, inner, list(walk.seen), keeper)
+        leaves = [(edge[0].variable, edge, value) for edge, value in inner.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD]
         self._note_leaf_norms(running, leaves)
         return result
 
     def _note_leaf_norms(self, record: bw.PassRecord, leaves: list) -> None:
-        """Each leaf's gradient norm in this pass (taken now, before any clipping), for the per-pass plot."""
+        """Note which leaves this pass reached. Their norms are taken when the pass is let go (a later
+        pass from the same line replaces it) or when the trace is built, from the kept gradients,
+        which the copy-before-write keeps as the pass computed them."""
         if not leaves:
             return
         record.leaf_grads.extend((leaf, edge) for leaf, edge, _ in leaves)
-        norms = norms_of([grad for _, _, grad in leaves])
-        for (leaf, _, _), norm in zip(leaves, norms):
+        for leaf, _, _ in leaves:
             entry = self.leaf_history.get(id(leaf))
             if entry is None:
                 entry = self.leaf_history[id(leaf)] = (leaf, [])
-            entry[1].append((record.index, norm))
+            if not entry[1] or entry[1][-1][0] != record.index:
+                entry[1].append((record.index, None))
+
+    def leaf_norms(self, record: bw.PassRecord) -> None:
+        """Fill in the norms of ``record``'s leaf gradients in ``leaf_history`` (NaN where not kept intact)."""
+        pairs = [(leaf, edge) for leaf, edge in record.leaf_grads]
+        if not pairs:
+            return
+        values = [record.gradient(edge) if record.intact(edge) else None for _, edge in pairs]
+        present = [i for i, value in enumerate(values) if value is not None]
+        norms = norms_of([values[i] for i in present])
+        by_leaf = {id(pairs[i][0]): norm for i, norm in zip(present, norms)}
+        for leaf, _ in pairs:
+            entry = self.leaf_history.get(id(leaf))
+            if entry is None:
+                continue
+            history = entry[1]
+            for k, (index, norm) in enumerate(history):
+                if index == record.index and norm is None:
+                    history[k] = (index, by_leaf.get(id(leaf), float("nan")))
 
     def _snapshot_final_grads(self) -> None:
         """Each leaf's ``.grad`` as the code left it, where it is not simply the last pass's gradient."""
@@ -506,10 +527,11 @@ class Recorder:
             for leaf, edge in record.leaf_grads:
                 last_gradient[id(leaf)] = (record, edge)
         for key, (leaf, history) in self.leaf_history.items():
-            with _no_subclass():
-                now = leaf.grad
+            now = _grad_of(leaf)
             found = last_gradient.get(key)
-            shown = found[0].gradient(found[1]) if found is not None else None
+            shown = None
+            if found is not None:
+                shown = found[0].gradient(found[1])
             passes = {index for index, _ in history}
             if now is None:
                 self.final_grads[key] = (None, None, ".grad is None now (set to None after the last pass, e.g. "

@@ -194,7 +194,7 @@ class PendingSummary:
         if data.numel() == 0:  # a sparse tensor storing nothing: all zeros
             self.stats = [0.0, 0.0, 0.0, 0.0]
             return
-        low, high = torch.aminmax(data)
+        low, high = data.amin(), data.amax()
         total = data.sum()
         if kind == "sparse" and stored.numel() < self.numel:  # the implicit zeros count too
             zero = torch.zeros((), dtype=low.dtype, device=low.device)

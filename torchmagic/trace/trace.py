@@ -80,12 +80,13 @@ class Trace:
         recorder, self._recorder = self._recorder, None
         recorder.stop()
         caller = sys._getframe(1)
-        namespace = dict(caller.f_globals)
-        namespace.update(caller.f_locals)
+        names = snapshot(caller.f_globals)
+        if caller.f_locals is not caller.f_globals:
+            names.update(snapshot(caller.f_locals))
         del caller
         if exc is not None:
             self.error = f"{exc_type.__name__}: {exc}"
-        self.fill(recorder, namespace)
+        self.fill(recorder, names)
 
     def _built(self) -> dict[str, Any]:
         if self._data is None:
