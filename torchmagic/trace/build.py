@@ -28,6 +28,7 @@ NO_GRAD = "used only under torch.no_grad()"
 DETACHED = "used only through .detach()"
 CHANGED_IN_PLACE = (".grad was changed in place after the pass, by code the trace did not see; "
                     "the norm per pass was taken before")
+PASS_THROUGH = frozenset({HOOK_WRAPPER, "AliasBackward0"})  # identity nodes drawn as the edge they pass on
 RECENT_LOGS = 4  # forward logs kept per thread, so a later cell's backward can name an earlier cell's ops
 CUT_WALK_LIMIT = 20_000  # nodes walked, in all, to find the leaves a detach cut off
 
@@ -175,10 +176,12 @@ class Builder:
 
     @staticmethod
     def hook_wrappers(order: list[Any], nexts: dict[Any, tuple]) -> dict[tuple[Any, int], tuple[Any, int]]:
-        """Module backward hooks wrap tensors in identity nodes: map each wrapped edge to the real one."""
+        """Identity nodes that are plumbing, not the user's computation: module backward hooks wrap
+        tensors in them, and a tensor subclass that re-wraps each result (``as_subclass``) adds an
+        ``AliasBackward0`` after every op. Map each edge into one to the edge it passes through."""
         alias: dict[tuple[Any, int], tuple[Any, int]] = {}
         for node in order:  # inputs first: a wrapper of a wrapper resolves in one step
-            if type(node).__name__ == HOOK_WRAPPER:
+            if type(node).__name__ in PASS_THROUGH:
                 for index, edge in enumerate(nexts[node]):
                     alias[(node, index)] = alias.get(edge, edge)
         return alias
@@ -253,7 +256,7 @@ class Builder:
         has_passes = bool(self.recorder.passes)
         for op_id, node in enumerate(order):
             kind_name = type(node).__name__
-            if kind_name == HOOK_WRAPPER:
+            if kind_name in PASS_THROUGH:
                 continue
             is_leaf = type(node) is ACCUMULATE_GRAD
             outputs = set(used.get(node, ()))

@@ -54,6 +54,17 @@ def _grad_of(leaf: torch.Tensor) -> Any:
         return leaf.grad
 
 
+def _equal(shown: Any, now: torch.Tensor) -> bool:
+    if not isinstance(shown, torch.Tensor):
+        return False
+    try:
+        with _no_subclass():
+            return (shown.shape == now.shape and shown.dtype == now.dtype and shown.device == now.device
+                    and shown.layout == now.layout == torch.strided and not now.is_meta and torch.equal(shown, now))
+    except Exception:
+        return False
+
+
 def recorders_holding_state() -> list[Recorder]:
     """Recorders still active or still holding gradients or tensors (the leak check uses this)."""
     return [r for r in list(_live_recorders) if r.active or r.holds_state]
@@ -539,6 +550,8 @@ class Recorder:
                 continue
             if shown is now and found[1] in found[0].versions and found[0].versions[found[1]] == now._version:
                 continue  # .grad is the very tensor the last pass gave, unchanged
+            if _equal(shown, now):
+                continue  # .grad holds what the last pass gave (zeroed, then accumulated once)
             if len(passes) > 1:
                 note = f".grad now: accumulated over {len(passes)} passes, or changed after them"
             else:

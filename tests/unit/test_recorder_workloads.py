@@ -1,0 +1,336 @@
+"""Recorder v2 on the code users run: each reproduction of issue 10 as a test.
+
+Every test checks two things: the traced code computes what it computes untraced, and each
+gradient the trace shows equals one computed independently (``retain_grad``, ``autograd.grad``).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import torch.utils.checkpoint as checkpoint_module
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+import torchmagic
+
+
+def _mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+
+
+def test_gradient_clipping_keeps_the_pass_gradients_and_shows_the_clipped_grad_apart():
+    model = _mlp()
+    xb = torch.randn(16, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with torchmagic.trace() as t:
+        for _ in range(3):
+            opt.zero_grad(set_to_none=True)
+            loss = model(xb).pow(2).mean() * 100
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    # the last pass's gradient, before clipping, computed independently
+    reference = _mlp()
+    reference.load_state_dict(model.state_dict())
+    before_step = [p.detach() + 0.1 * p.grad for p in model.parameters()]  # undo the last SGD step
+    with torch.no_grad():
+        for p, value in zip(reference.parameters(), before_step):
+            p.copy_(value)
+    expected = torch.autograd.grad(reference(xb).pow(2).mean() * 100, list(reference.parameters()))
+    for (name, param), grad in zip(model.named_parameters(), expected):
+        shown = t.grad(f"model.{name}")
+        assert shown is not None and torch.allclose(shown, grad, atol=1e-5), name
+        node = t.node(f"model.{name}")
+        assert node.leaf_grad is not None and "changed after" in node.leaf_grad_note
+        assert node.leaf_grad.values is None or torch.allclose(torch.tensor(node.leaf_grad.values), param.grad)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected]))
+    assert total > 1.0  # the clip did change .grad
+    assert len(t.grad_history["model.0.weight"]) == 3
+
+
+def test_repeated_backward_through_one_graph_as_in_the_autograd_tutorial():
+    with torchmagic.trace() as t:
+        inp = torch.eye(4, 5, requires_grad=True)
+        out = (inp + 1).pow(2).t()
+        out.backward(torch.ones_like(out), retain_graph=True)
+        out.backward(torch.ones_like(out), retain_graph=True)
+        inp.grad.zero_()
+        out.backward(torch.ones_like(out), retain_graph=True)
+    expected = torch.autograd.grad(((inp + 1).pow(2).t() * torch.ones(5, 4)).sum(), inp)[0]
+    assert torch.equal(t.grad("inp"), expected) and torch.equal(inp.grad, expected)
+    assert t.node("inp").leaf_grad is None  # .grad equals the last pass's gradient: nothing to show apart
+    assert [len(p.roots) for p in t.passes] == [1, 1, 1] and not t.structure_changed
+    norms = [norm for _, norm in t.grad_history["inp"]]
+    assert norms == pytest.approx([expected.norm().item()] * 3)  # the plot agrees with the table
+    for index in range(3):
+        assert torch.equal(t.grad("inp", pass_index=index) if index == 2 else expected, expected)
+
+
+def test_a_gan_step_shows_both_passes_each_with_its_own_gradients():
+    torch.manual_seed(0)
+    netG = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 4))
+    netD = nn.Sequential(nn.Linear(4, 5), nn.LeakyReLU(0.2), nn.Linear(5, 1))
+    real = torch.randn(6, 4)
+    noise = torch.randn(6, 3)
+    bce = nn.BCEWithLogitsLoss()
+    with torchmagic.trace() as t:
+        netD.zero_grad()
+        fake = netG(noise)
+        errD = bce(netD(real), torch.ones(6, 1)) + bce(netD(fake.detach()), torch.zeros(6, 1))
+        errD.backward()
+        grad_d_pass1 = [p.grad.clone() for p in netD.parameters()]
+        netG.zero_grad()
+        errG = bce(netD(fake), torch.ones(6, 1))
+        errG.backward()
+    assert [p.describe().split(":")[1].strip().split(" ")[0] for p in t.passes] == ["errD.backward()", "errG.backward()"]
+    # G's parameters: only errG reached them
+    expected_g = torch.autograd.grad(bce(netD(netG(noise)), torch.ones(6, 1)), list(netG.parameters()))
+    for (name, _), grad in zip(netG.named_parameters(), expected_g):
+        assert torch.allclose(t.grad(f"netG.{name}"), grad, atol=1e-6)
+    # D's parameters: the last pass (errG) is shown; errD's share is there too; .grad holds the sum
+    expected_d_from_g = torch.autograd.grad(bce(netD(fake.detach()), torch.ones(6, 1)), list(netD.parameters()))
+    for (name, param), from_g, from_d in zip(netD.named_parameters(), expected_d_from_g, grad_d_pass1):
+        assert torch.allclose(t.grad(f"netD.{name}"), from_g, atol=1e-6)
+        assert torch.allclose(t.grad(f"netD.{name}", pass_index=0), from_d, atol=1e-6)
+        node = t.node(f"netD.{name}")
+        assert node.grad_pass == 1 and "accumulated over 2 passes" in node.leaf_grad_note
+        assert torch.allclose(param.grad, from_g + from_d, atol=1e-6)
+    # the first pass's tensors are drawn with their gradients
+    assert t.grad("errD").item() == 1.0 and t.node("errD").grad_pass == 0
+
+
+def test_independent_backward_calls_and_a_scalar_leaf_each_show_their_gradient():
+    with torchmagic.trace() as t:
+        a = torch.ones(3, requires_grad=True)
+        b = torch.ones(3, requires_grad=True)
+        (a * 2).sum().backward()
+        (b * 3).sum().backward()
+        s = torch.tensor(5.0, requires_grad=True)
+        s.backward()
+    assert torch.equal(t.grad("a"), torch.full((3,), 2.0))
+    assert torch.equal(t.grad("b"), torch.full((3,), 3.0))
+    assert t.grad("s").item() == 1.0 and t.node("s").is_output
+    assert t.missing == []
+
+
+def test_tied_weights_answer_to_every_name():
+    class TinyGPT(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(10, 4)
+            self.lm_head = nn.Linear(4, 10, bias=False)
+            self.lm_head.weight = self.wte.weight  # weight tying, as nanoGPT does
+
+        def forward(self, idx):
+            return self.lm_head(self.wte(idx))
+
+    torch.manual_seed(0)
+    model = TinyGPT()
+    with torchmagic.trace() as t:
+        loss = nn.functional.cross_entropy(model(torch.tensor([1, 2, 3])), torch.tensor([2, 3, 4]))
+        loss.backward()
+    assert torch.equal(t.grad("model.lm_head.weight"), model.wte.weight.grad)
+    assert torch.equal(t.grad("model.wte.weight"), model.wte.weight.grad)
+    assert set(t.node("model.wte.weight").names) >= {"model.wte.weight", "model.lm_head.weight"}
+
+
+def test_reentrant_checkpoint_draws_the_recomputed_block_with_its_parameters():
+    torch.manual_seed(0)
+    block = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    x = torch.randn(2, 4, requires_grad=True)
+    with torchmagic.trace() as t:
+        y = checkpoint_module.checkpoint(block, x, use_reentrant=True)
+        loss = y.pow(2).sum()
+        loss.backward()
+    assert t.missing == []  # not "used only under torch.no_grad()"
+    assert torch.equal(t.grad("block.0.weight"), block[0].weight.grad)
+    assert torch.equal(t.grad("x"), x.grad)
+    assert any("reentrant checkpoint" in note for note in t.notes)
+    assert t.passes[0].strategy == "hooks"
+
+
+def test_torch_func_transforms_run_untouched_and_the_trace_says_so():
+    def f(w, x):
+        return (w * x).sin().sum()
+
+    w = torch.randn(3)
+    xs = torch.randn(5, 3)
+    plain_vmap = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(w, xs)
+    plain_jac = torch.func.jacrev(torch.sin)(w)
+    with torchmagic.trace() as t:
+        traced_vmap = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(w, xs)
+        traced_jac = torch.func.jacrev(torch.sin)(w)
+        v = torch.ones(3, requires_grad=True)
+        (v * 2).sum().backward()
+    assert torch.equal(plain_vmap, traced_vmap) and torch.equal(plain_jac, traced_jac)
+    assert any("torch.func" in note for note in t.notes)
+    assert torch.equal(t.grad("v"), torch.full((3,), 2.0))
+
+
+def test_torch_compile_gives_the_same_value_traced():
+    def f(x):
+        y = x.sin() * 2
+        if y.sum() > 0:
+            return y.cos()
+        return y.exp()
+
+    x = torch.randn(5, requires_grad=True)
+    plain = f(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager")
+    with torchmagic.trace() as t:
+        out = compiled(x)
+        out.sum().backward()
+    assert torch.allclose(out, plain)
+    assert torch.allclose(t.grad("x"), x.grad) and x.grad is not None
+    torch._dynamo.reset()
+
+
+def test_meta_tensors_have_shapes_and_no_statistics():
+    with torchmagic.trace() as t:
+        w = torch.randn(3, 4, device="meta", requires_grad=True)
+        loss = (w * 2).sum()
+        loss.backward()
+    node = t.node("w")
+    assert node.shape == (3, 4) and node.grad is not None and not node.grad.has_statistics
+    assert "meta" in node.grad.short()
+    assert "meta" in t.text()
+
+
+def test_sparse_embedding_gradients_have_honest_statistics():
+    torch.manual_seed(0)
+    emb = nn.Embedding(10, 3, sparse=True)
+    with torchmagic.trace() as t:
+        loss = emb(torch.tensor([1, 2, 2])).sum()
+        loss.backward()
+    summary = t.node("emb.weight").grad
+    dense = emb.weight.grad.to_dense()
+    assert summary.min == dense.min().item() and summary.max == dense.max().item()
+    assert summary.norm == pytest.approx(dense.norm().item()) and summary.mean == pytest.approx(dense.mean().item())
+    assert "sparse" in summary.note
+
+
+class Strict(torch.Tensor):
+    """A subclass whose __torch_function__ refuses every call but the ones the user's code below makes
+    (untraced), so any attribute read or statistic of ours that went through it would raise."""
+
+    ALLOWED = {"add", "mul", "sum", "backward", "requires_grad_"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        if name not in cls.ALLOWED:
+            raise RuntimeError(f"Strict tensors do not support {name}")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_a_strict_tensor_subclass_does_not_break_this_or_later_traces():
+    base = torch.ones(3).as_subclass(Strict).requires_grad_()
+    with torchmagic.trace() as t:
+        out = (base * 2 + 1).sum()
+        out.backward()
+    assert torch.equal(t.grad("base").as_subclass(torch.Tensor), torch.full((3,), 2.0))
+    assert "base" in t.text()
+    with torchmagic.trace() as t2:
+        z = torch.ones(2, requires_grad=True)
+        (z * 3).sum().backward()
+    assert torch.equal(t2.grad("z"), torch.full((2,), 3.0))
+
+
+def test_a_pass_through_subclass_is_drawn_once_per_op():
+    class Passthrough(torch.Tensor):
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    p = torch.ones(3).as_subclass(Passthrough).requires_grad_()
+    with torchmagic.trace() as t:
+        y = p * 2
+        out = y.sum()
+        out.backward()
+    assert [n.op for n in t.nodes if n.kind == "op"] == ["mul", "sum"]
+
+
+class Hostile:
+    @property
+    def __class__(self):
+        raise RuntimeError("no class for you")
+
+
+def test_a_namespace_object_whose_class_raises_is_ignored():
+    weird = Hostile()
+    with torchmagic.trace() as t:
+        x = torch.ones(2, requires_grad=True)
+        (x * 2).sum().backward()
+    assert weird is not None and torch.equal(t.grad("x"), torch.full((2,), 2.0))
+
+
+def test_modules_in_other_threads_are_not_attributed_to_the_traced_code():
+    background = nn.Linear(3, 3)
+    stop = threading.Event()
+
+    def run():
+        with torch.no_grad():
+            while not stop.is_set():
+                background(torch.randn(2, 3))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    try:
+        model = nn.Linear(3, 1)
+        with torchmagic.trace() as t:
+            for _ in range(50):
+                loss = model(torch.randn(4, 3)).sum()
+            loss.backward()
+    finally:
+        stop.set()
+        worker.join()
+    assert [n.module for n in t.nodes if n.op == "linear"] == ["model"]
+    assert {n.module for n in t.nodes} <= {None, "model"} and "background" not in t.modules
+
+
+def test_a_user_mode_left_open_stays_and_ours_is_removed():
+    class Counting(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    user_mode = Counting()
+    with torchmagic.trace() as t:
+        x = torch.ones(2, requires_grad=True)
+        user_mode.__enter__()  # opened inside the traced code and never closed
+        (x * 2).sum().backward()
+    try:
+        assert torch._C._len_torch_function_stack() == 1
+        assert torch._C._get_function_stack_at(0) is user_mode
+        assert torch.equal(t.grad("x"), torch.full((2,), 2.0))
+    finally:
+        user_mode.__exit__(None, None, None)
+
+
+def test_complex_gradients_are_said_to_be_complex_and_their_norms_are_right():
+    with torchmagic.trace() as t:
+        z = torch.tensor([1 + 2j, 3 - 1j], requires_grad=True)
+        for _ in range(2):
+            z.grad = None
+            loss = (z * z.conj()).real.sum()
+            loss.backward()
+    summary = t.node("z").grad
+    assert summary.values == [complex(v) for v in z.grad.tolist()]
+    assert "complex" in summary.note and "j" in summary.short()
+    assert [n for _, n in t.grad_history["z"]] == pytest.approx([z.grad.abs().norm().item()] * 2)
+
+
+def test_the_engine_wrapper_and_mode_are_gone_after_a_failing_block():
+    original = torch.autograd.graph._engine_run_backward
+    with pytest.raises(ValueError):
+        with torchmagic.trace() as t:
+            x = torch.ones(2, requires_grad=True)
+            (x * 2).sum().backward()
+            raise ValueError("boom")
+    assert torch.autograd.graph._engine_run_backward is original is torch.autograd._engine_run_backward
+    assert torch._C._len_torch_function_stack() == 0
+    assert t.error == "ValueError: boom" and torch.equal(t.grad("x"), torch.full((2,), 2.0))
