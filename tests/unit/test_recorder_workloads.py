@@ -45,7 +45,7 @@ def test_gradient_clipping_keeps_the_pass_gradients_and_shows_the_clipped_grad_a
         shown = t.grad(f"model.{name}")
         assert shown is not None and torch.allclose(shown, grad, atol=1e-5), name
         node = t.node(f"model.{name}")
-        assert node.leaf_grad is not None and "changed after" in node.leaf_grad_note
+        assert node.leaf_grad is not None and "changed in place after the pass" in node.leaf_grad_note
         assert node.leaf_grad.values is None or torch.allclose(torch.tensor(node.leaf_grad.values), param.grad)
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected]))
     assert total > 1.0  # the clip did change .grad
@@ -97,7 +97,7 @@ def test_a_gan_step_shows_both_passes_each_with_its_own_gradients():
         assert torch.allclose(t.grad(f"netD.{name}"), from_g, atol=1e-6)
         assert torch.allclose(t.grad(f"netD.{name}", pass_index=0), from_d, atol=1e-6)
         node = t.node(f"netD.{name}")
-        assert node.grad_pass == 1 and "accumulated over 2 passes" in node.leaf_grad_note
+        assert node.grad_pass == 1 and "sum over the 2 passes" in node.leaf_grad_note
         assert torch.allclose(param.grad, from_g + from_d, atol=1e-6)
     # the first pass's tensors are drawn with their gradients
     assert t.grad("errD").item() == 1.0 and t.node("errD").grad_pass == 0

@@ -357,4 +357,4 @@ def test_the_table_has_at_least_twenty_scenarios():
 def test_a_grad_changed_after_the_pass_is_shown_apart_from_the_pass_gradient():
     (grad_after, kept), _, t = _run(SCENARIOS["user_hook_keeps_the_gradient"], traced=True)
     assert torch.equal(t.grad("x"), kept)  # what the pass contributed (what the user's hook saw)
-    assert t.node("x").leaf_grad.values == grad_after.tolist() and "changed after the pass" in t.node("x").leaf_grad_note
+    assert t.node("x").leaf_grad.values == grad_after.tolist() and "changed in place after the pass" in t.node("x").leaf_grad_note

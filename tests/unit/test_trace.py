@@ -92,7 +92,7 @@ def test_retain_graph_twice_shows_each_pass_and_the_accumulated_grad_apart():
     assert torch.equal(t.grad("x"), torch.full((3,), 2.0))
     assert torch.equal(t.grad("x", pass_index=0), torch.full((3,), 2.0))
     assert t.node("x").leaf_grad.values == [4.0, 4.0, 4.0] and torch.equal(x.grad, torch.full((3,), 4.0))
-    assert "accumulated over 2 passes" in t.node("x").leaf_grad_note
+    assert "sum over the 2 passes" in t.node("x").leaf_grad_note
 
 
 def test_autograd_grad_gives_leaf_and_intermediate_gradients():
@@ -364,7 +364,7 @@ def test_leaf_gradients_are_shared_with_grad_not_copied_and_later_changes_are_na
         torch.nn.utils.clip_grad_norm_([v], max_norm=1.0)  # changes v.grad in place
     # the trace copied the pass's gradient before clipping changed .grad, and shows both
     assert torch.equal(t.grad("v"), torch.full((3,), 2.0))
-    assert t.node("v").leaf_grad.norm == pytest.approx(1.0, rel=1e-4) and "changed after" in t.node("v").leaf_grad_note
+    assert t.node("v").leaf_grad.norm == pytest.approx(1.0, rel=1e-4) and "changed in place after the pass" in t.node("v").leaf_grad_note
     assert t.grad_history["v"][0][1] == pytest.approx(2 * 3 ** 0.5)  # taken before the clipping
 
     s = torch.ones(3, requires_grad=True)

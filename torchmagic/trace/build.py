@@ -264,7 +264,11 @@ class Builder:
             attribution = self._attribution(seq) if seq is not None and node not in recomputed else None
             if not is_leaf:
                 outputs.update(named_outputs.get(node, ()))
-            inputs = [ids[alias.get(edge, edge)] for edge in nexts[node]
+            edges_in = list(nexts[node])
+            order = _ARGUMENT_ORDER.get((self._op_of(node, seq, attribution), kind_name)) if not is_leaf else None
+            if order is not None and len(edges_in) == len(order):
+                edges_in = [edges_in[i] for i in order]  # the call's argument order, before dropping edges
+            inputs = [ids[alias.get(edge, edge)] for edge in edges_in
                       if edge[0] is not None and alias.get(edge, edge) in ids]
             if is_leaf:
                 common = self._leaf_common(node)
@@ -314,20 +318,22 @@ class Builder:
                       device=str(variable.device))
         return {"fields": fields, "location": location}
 
+    @staticmethod
+    def _op_of(node: Any, seq: int | None, attribution: _Attribution | None) -> str | None:
+        """The torch call's name where the node was the last one that call made."""
+        if attribution is None or seq is None:
+            return None
+        found = attribution.log.op_at(seq)
+        return op_name(found[0]) if found is not None and found[1] else None
+
     def _op_common(self, node: Any, seq: int | None, attribution: _Attribution | None, kind_name: str,
                    inputs: list[int]) -> dict[str, Any]:
-        op, location, calls = None, None, ()
+        op, location, calls = self._op_of(node, seq, attribution), None, ()
         if attribution is not None:
-            found = attribution.log.op_at(seq)
-            if found is not None and found[1]:
-                op = op_name(found[0])
             location = attribution.log.location_at(seq)
             calls = attribution.calls_at(seq)
         if op is None:
             op = node_op_name(node)
-        order = _ARGUMENT_ORDER.get((op, kind_name))
-        if order is not None and len(inputs) == len(order):
-            inputs = [inputs[i] for i in order]
         try:
             metadata = node._input_metadata
         except Exception:

@@ -254,7 +254,7 @@ class RecordingMode(TorchFunctionMode):
             self.recorder.note_untraced(func)
             return func(*args, **kwargs) if kwargs else func(*args)
         recorder = self.recorder
-        if recorder.shared_grads and writes_in_place(func):
+        if recorder.watched and writes_in_place(func):
             recorder.before_in_place(args, kwargs)
         start = sequence_nr()
         out = func(*args, **kwargs) if kwargs else func(*args)

@@ -89,6 +89,9 @@ class Recorder:
         self.leaf_history: dict[int, tuple[torch.Tensor, list[tuple[int, Any]]]] = {}
         self.final_grads: dict[int, tuple[Any, int | None, str | None]] = {}  # id(leaf) -> (summary, version, note)
         self.shared_grads: set[int] = set()  # data pointers of leaves' .grad that are also a kept gradient
+        self.watched: dict[int, int] = {}  # data pointer of a leaf's .grad -> id(leaf), for in-place writes
+        self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
+        self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
         self.untraced: dict[str, str] = {}  # what ran untouched, and why (shown by the trace)
         self.op_count = 0
         self._thread = threading.get_ident()
@@ -158,6 +161,7 @@ class Recorder:
                 self.log.close()
                 self.op_count = len(self.log.op_start)
                 self.shared_grads.clear()
+                self.watched.clear()
                 self.hooked.clear()
                 self._snapshot_final_grads()
 
@@ -173,6 +177,9 @@ class Recorder:
         self.leaf_history.clear()
         self.final_grads.clear()
         self.shared_grads.clear()
+        self.watched.clear()
+        self.changed_in_place.clear()
+        self.summed.clear()
         self.log = ForwardLog()
 
     # -- forward side paths (rare: most ops only append to the log) ------------------------
@@ -249,8 +256,9 @@ class Recorder:
 
     # -- in-place writes to gradients we keep ----------------------------------------------
     def before_in_place(self, args: tuple, kwargs: dict | None) -> None:
-        """Copy a kept gradient that is also a leaf's ``.grad`` before an op changes it in place
-        (clipping, ``zero_()``): the trace keeps what the pass computed."""
+        """An op is about to change tensors in place. Where one is a leaf's ``.grad`` (clipping,
+        ``zero_()``), note it; where that ``.grad`` is also a gradient the trace keeps, copy it
+        first: the trace keeps what the pass computed."""
         hit: set[int] = set()
         values: Iterable[Any] = args if not kwargs else (*args, *kwargs.values())
         for value in values:
@@ -260,7 +268,10 @@ class Recorder:
             else:
                 self._hit(value, hit)
         if hit:
-            self._unshare(hit)
+            self.changed_in_place.update(self.watched[pointer] for pointer in hit)
+            shared = hit & self.shared_grads
+            if shared:
+                self._unshare(shared)
 
     def _hit(self, value: Any, hit: set[int]) -> None:
         if tensor_class(value):
@@ -269,7 +280,7 @@ class Recorder:
                     pointer = value.data_ptr()
             except Exception:
                 return
-            if pointer in self.shared_grads:
+            if pointer in self.watched:
                 hit.add(pointer)
 
     def _unshare(self, pointers: set[int]) -> None:
@@ -437,16 +448,35 @@ class Recorder:
             leaf = node.variable
             old = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
             if old is not None and self.shared_grads:
-                self._hit(old, hit := set())
-                if hit:
-                    self._unshare(hit)
+                pointer = old.data_ptr() if not old.is_sparse else 0
+                if pointer in self.shared_grads:
+                    self._unshare({pointer})  # accumulating into it would change the earlier pass's gradient
+            key = id(leaf)
+            if old is None:
+                self.summed[key] = 1
+                self.changed_in_place.discard(key)
+            else:
+                self.summed[key] = self.summed.get(key, 1) + 1
             # held by the grads tuple, `grad` and getrefcount's argument; more means a user's hook kept it
             others_hold_it = sys.getrefcount(grad) > 3
             if bw.accumulate_leaf(node, grad, others_hold_it):
-                self.shared_grads.add(grad.data_ptr())
+                pointer = grad.data_ptr()
+                self.shared_grads.add(pointer)
+                self.watched[pointer] = id(leaf)
                 record.versions[edge] = grad._version
+            else:
+                self._watch(leaf)
             leaves.append((leaf, edge, grad))
         return leaves
+
+    def _watch(self, leaf: torch.Tensor) -> None:
+        """Note where ``leaf.grad`` lives, so an in-place write to it later is seen."""
+        grad = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
+        try:
+            if grad is not None and not grad.is_sparse:
+                self.watched[grad.data_ptr()] = id(leaf)
+        except Exception:
+            pass
 
     def _keep_within_budget(self, record: bw.PassRecord, keeper: bw.GradientKeeper) -> None:
         """Past the memory budget, keep statistics instead of tensors (a tensor shared by edges counts once)."""
@@ -472,6 +502,8 @@ class Recorder:
         result = self._run_own(bw.run_hooked, call, self._original_engine, record, list(walk.seen), keeper)
         leaves = [(edge[0].variable, edge, value) for edge, value in record.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD]
+        for leaf, _, _ in leaves:
+            self._watch(leaf)
         if not call.accumulate_grad and result:
             for tensor, grad in zip(call.inputs, result):
                 if grad is not None:
@@ -529,6 +561,17 @@ class Recorder:
                 if index == record.index and norm is None:
                     history[k] = (index, by_leaf.get(id(leaf), float("nan")))
 
+    @staticmethod
+    def _grad_note(passes: int, changed: bool) -> str:
+        if passes > 1 and changed:
+            return f".grad is the sum over the {passes} passes that reached it, changed in place since " \
+                   "(clipped, scaled or zeroed)"
+        if passes > 1:
+            return f".grad is the sum over the {passes} passes that reached it (PyTorch adds them up)"
+        if changed:
+            return ".grad was changed in place after the pass (clipped, scaled or zeroed)"
+        return ".grad differs from the pass's gradient (changed by code the trace did not see)"
+
     def _snapshot_final_grads(self) -> None:
         """Each leaf's ``.grad`` as the code left it, where it is not simply the last pass's gradient."""
         last_gradient: dict[int, Any] = {}
@@ -552,11 +595,7 @@ class Recorder:
                 continue  # .grad is the very tensor the last pass gave, unchanged
             if _equal(shown, now):
                 continue  # .grad holds what the last pass gave (zeroed, then accumulated once)
-            if len(passes) > 1:
-                note = f".grad now: accumulated over {len(passes)} passes, or changed after them"
-            else:
-                note = ".grad now: changed after the pass (clipped, scaled or zeroed in place)" \
-                    if shown is not None and found[0].entry == "backward" else ".grad now"
+            note = self._grad_note(self.summed.get(key, len(passes)), key in self.changed_in_place)
             try:
                 summary = PendingSummary(now, self.small_values)
             except Exception:

@@ -222,9 +222,11 @@ class Trace:
         count = len(self.passes)
         if count:
             text = f"{count} backward pass{'es' if count != 1 else ''}"
+            shown = sum(1 for p in self.passes if p.kept)
             if count > 1:
-                text += ", graph of the last shown"
-                text += "; structure changed between passes" if self.structure_changed else "; same structure each pass"
+                text += ", graph of the last shown" if shown == 1 else f", graphs of {shown} shown (the last from each line)"
+                if shown < count:
+                    text += "; structure changed between passes" if self.structure_changed else "; same structure each pass"
             parts.append(text)
         else:
             parts.append("no backward yet")
@@ -288,14 +290,16 @@ class Trace:
 
     def text(self) -> str:
         """Graph and gradient table as aligned text (what a terminal shows)."""
+        from ..render.passes import leaf_grad_lines, pass_lines
         from ..render.text import gradient_lines, graph_lines
 
         lines = [self.title()]
         if self.error:
             lines.append(f"  the code raised {self.error}; showing what ran")
+        lines += pass_lines(self.passes, self.notes)
         lines.append("graph (inputs first):")
         lines += graph_lines(self.nodes, self.max_nodes, self.view())
-        grads = gradient_lines(self.nodes, self.missing)
+        grads = gradient_lines(self.nodes, self.missing) + leaf_grad_lines(self.nodes)
         if grads:
             lines.append("gradients:")
             lines += grads
@@ -311,14 +315,16 @@ class Trace:
         import html as html_module
 
         from ..render.html import gradient_table
+        from ..render.passes import leaf_grad_html, pass_html
 
         note = f"<p><b>the code raised</b> {html_module.escape(self.error)}; showing what ran</p>" if self.error else ""
+        note += pass_html(self.passes, self.notes)
         history = ""
         if len(self.passes) > 1 and self.grad_history:
             from ..render.history import history_table
 
             history = history_table(self.grad_history)
-        table = gradient_table(self.nodes, self.missing)
+        table = gradient_table(self.nodes, self.missing) + leaf_grad_html(self.nodes)
         return f'<div class="torchmagic-trace">{note}{self.svg()}{table}{history}</div>'
 
     def save(self, path: str | Path) -> Path:
