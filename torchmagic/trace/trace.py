@@ -11,6 +11,7 @@ import torch
 
 from ..errors import OptionError
 from .build import build, summarize_gradients
+from .checks import TraceChecks
 from .model import MissingGradient, PassInfo, TraceNode
 from .naming import Labeler
 from .recorder import Recorder
@@ -18,7 +19,7 @@ from .recorder import Recorder
 SAVE_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".txt": "text"}
 
 
-class Trace:
+class Trace(TraceChecks):
     """The autograd graph some code built, with the gradients that flowed through it.
 
     As a context manager it records the code in its block and is filled in on exit::
