@@ -191,9 +191,9 @@ class TraceChecks:
                 continue
             total = math.sqrt(sum(m.node.grad.norm ** 2 for m in with_grad))
             if max is not None and not total <= max:
-                broke = f"above max={format_values(max)}"
+                broke = f"above max={max:g}"
             elif min is not None and not total >= min:
-                broke = f"below min={format_values(min)}"
+                broke = f"below min={min:g}"
             else:
                 continue
             lines = [f"gradient norm {format_values(total)}, {broke}"]
@@ -347,8 +347,12 @@ class TraceChecks:
         without = [m for m in self.missing if tuple(m.shape) == shape]
         if len(without) == 1:
             return _Group(without[0].name, [_Checked(without[0].name, shape, missing=without[0])])
-        label = f"a tensor {_shape(shape)}"
-        return _Group(label, [_Checked(label, shape)])
+        label = f"a tensor of shape {_shape(shape)}"
+        group = _Group(label, [_Checked(label, None)])
+        if without:
+            group.note = (f"the trace has {len(without)} leaves of shape {_shape(shape)} without a gradient "
+                          f"({', '.join(m.name for m in without)}): pass names to say which is meant")
+        return group
 
     # -- why a gradient failed ------------------------------------------------------------------
     def _flow_failure(self, checked: _Checked, max_zero_fraction: float | None) -> _Failure | None:
