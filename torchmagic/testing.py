@@ -78,8 +78,8 @@ class TorchmagicShell:
         if self.formats is not None:
             ip.display_formatter.active_types = list(self.formats)
         ip.run_line_magic("colors", "nocolor")  # tracebacks as plain text in the test's output
-        if self.load_extension:
-            self.run("%load_ext torchmagic")
+        if self.load_extension:  # not as a cell: the test's first cell is In [1]
+            ip.extension_manager.load_extension("torchmagic")
         return self
 
     def close(self) -> None:

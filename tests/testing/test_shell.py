@@ -41,15 +41,15 @@ def test_trace_returns_the_cells_trace_with_its_cell_and_lines(torchmagic_shell)
         out.backward()
     """)
     assert t is torchmagic.last_trace()
-    assert t.cell == "In [3]"  # %load_ext was In [1], the import In [2]
-    assert str(t.node("y").source) == "In [3], line 3: y = x + 2"  # the magic is line 1
+    assert t.cell == "In [2]"  # the import was In [1]
+    assert str(t.node("y").source) == "In [2], line 3: y = x + 2"  # the magic is line 1
     assert torch.equal(t.grad("y"), torch.full((2, 2), 4.5))
 
 
 def test_displays_are_captured_as_a_terminal_gets_them(torchmagic_shell):
     torchmagic_shell.trace("import torch\nw = torch.ones(3, requires_grad=True)\n(w * 2).sum().backward()")
     (text,) = torchmagic_shell.displayed()
-    assert text.startswith("autograd trace of In [2]") and "grad [2, 2, 2]" in text
+    assert text.startswith("autograd trace of In [1]") and "grad [2, 2, 2]" in text
     assert torchmagic_shell.displayed("image/svg+xml") == []  # no diagram laid out for a terminal
 
 
