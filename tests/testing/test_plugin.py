@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -96,3 +98,16 @@ def test_detached_layer_message_names_the_detach_and_its_line(pytester: pytest.P
     out = run_user_tests(pytester).stdout.str()
     assert "E         model.0.weight (16, 4): no gradient: cut by .detach()" in out
     assert "E             In [2], line 3: h = h.detach()" in out  # the setup cell is In [1]
+
+
+def readme_test_file() -> str:
+    """The test file the README offers to copy, from its "Testing your model with pytest" section."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Testing your model with pytest", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_readme_test_file_passes_as_a_user_would_run_it(pytester: pytest.Pytester):
+    pytester.makepyfile(test_gradients=readme_test_file())
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
