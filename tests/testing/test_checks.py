@@ -274,3 +274,51 @@ def test_a_big_trace_shows_only_the_rows_concerned():
     assert shown[0].startswith("  autograd trace · ")
     assert any(line.strip().startswith("frozen  (3,)  used only under torch.no_grad()") for line in shown)
     assert len(shown) < 10 and not any("mul(" in line for line in shown)
+
+
+def test_a_module_reached_through_an_attribute_is_matched_by_its_grad():
+    class Trainer:
+        def __init__(self):
+            torch.manual_seed(0)
+            self.model = nn.Linear(3, 2)
+            self.frozen_head = nn.Linear(2, 2)
+
+        def step(self):
+            with torchmagic.trace() as t:  # the namespace holds `self`, not the modules: no names
+                out = self.model(torch.randn(4, 3))
+                self.frozen_head(out.detach()).sum().backward()
+            return t
+
+    trainer = Trainer()
+    t = trainer.step()
+    t.assert_gradients_flow(trainer.frozen_head)
+    with pytest.raises(AssertionError) as excinfo:
+        t.assert_gradients_flow(trainer.model)
+    text = message(excinfo)
+    assert "  weight (2, 3): no gradient: not reachable from the output" in text
+    assert "  bias (2,): no gradient: not reachable from the output" in text
+
+
+def test_a_module_the_trace_cannot_name_says_why():
+    class Box:
+        pass
+
+    box = Box()  # modules reached through an attribute of a plain object: the trace cannot name them
+    box.first, box.second = nn.Linear(3, 3), nn.Linear(3, 3)
+    with torchmagic.trace() as t:
+        h = box.first(torch.randn(2, 3)).detach()
+        box.second(h).sum().backward()
+    t.assert_gradients_flow(box.second)
+    with pytest.raises(AssertionError) as excinfo:
+        t.assert_gradients_flow(box.first)
+    assert "  weight (3, 3): no gradient: not in the graph that backward went through" in message(excinfo)
+    assert "note: the trace has 2 leaves without a name" in message(excinfo)
+
+
+def test_nothing_to_check_fails_instead_of_passing():
+    with torchmagic.trace() as t:
+        torch.ones(2) * 2
+    with pytest.raises(AssertionError, match="nothing to check: the trace has no leaf or parameter"):
+        t.assert_gradients_flow()
+    with pytest.raises(AssertionError, match="nothing to check"):
+        t.assert_grad_norm(max=1.0)

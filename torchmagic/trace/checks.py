@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -97,7 +98,6 @@ class TraceChecks:
     missing: list[MissingGradient]
     passes: list[PassInfo]
     grad_history: dict[str, list[tuple[int, float]]]
-    error: str | None
 
     # -- the assertions ---------------------------------------------------------------------
     def assert_gradients_flow(self, *targets: Any, max_zero_fraction: float | None = None) -> None:
@@ -117,6 +117,8 @@ class TraceChecks:
             raise ValueError(f"max_zero_fraction must be between 0 and 1, not {max_zero_fraction!r}")
         groups = self._resolve(targets)
         members = _unique(m for g in groups for m in g.members)
+        if not members:
+            raise AssertionError(self._message("nothing to check: the trace has no leaf or parameter", []))
         failures = [f for f in (self._flow_failure(m, max_zero_fraction) for m in members) if f is not None]
         if not failures:
             return
@@ -182,6 +184,8 @@ class TraceChecks:
         groups = self._resolve(targets)
         if not targets:
             groups = [_Group(m.name, [m]) for m in groups[0].members]
+            if not groups:
+                raise AssertionError(self._message("nothing to check: the trace has no leaf or parameter", []))
         failures = []
         for group in groups:
             with_grad = [m for m in group.members if m.node is not None and m.node.grad is not None]
@@ -297,19 +301,38 @@ class TraceChecks:
             paths = " and ".join(repr(c) for c in candidates)
             raise ValueError(f"this {kind} could be {paths} in the trace; name its parameters instead, "
                              f"e.g. assert_gradients_flow({candidates[0] + '.' + params[0][0]!r}, ...)")
-        if not candidates:
-            members = [_Checked(name, tuple(p.shape)) for name, p in params]
-            group = _Group(f"the {kind} given", members, is_module=True)
-            if rejected:
-                group.note = (f"{', '.join(rejected)} in the trace has parameters like these that did get "
-                              "gradients, but these have no .grad (reset after backward, by zero_grad()?)")
-            return group
-        prefix = candidates[0]
+        prefix = candidates[0] if candidates else None
         members = []
         for pname, param in params:
             full = f"{prefix}.{pname}" if prefix else pname
-            members.append(entries.get(full) or _Checked(full, tuple(param.shape)))
-        return _Group(prefix or f"the {kind} given", members, is_module=True)
+            checked = entries.get(full) if prefix is not None else None
+            members.append(checked or self._unnamed_leaf(full, param) or _Checked(full, tuple(param.shape)))
+        group = _Group(prefix or f"the {kind} given", members, is_module=True)
+        unnamed = [n for n in self.nodes if n.kind != "op" and n.name is None]
+        if any(m.node is None and m.missing is None for m in members):
+            if rejected:
+                group.note = (f"{', '.join(rejected)} in the trace has parameters like these that did get "
+                              "gradients, but these have no .grad (reset after backward, by zero_grad()?)")
+            elif unnamed:
+                group.note = (f"the trace has {len(unnamed)} leaves without a name: parameters of a module the "
+                              "traced code reached other than through a variable (self.model) are not named")
+        return group
+
+    def _unnamed_leaf(self, name: str, param: torch.Tensor) -> _Checked | None:
+        """The one unnamed leaf that is this parameter: its gradient is the parameter's .grad (same
+        shape and statistics), or, for a parameter without .grad, the only one of its shape without either."""
+        shape = tuple(param.shape)
+        unnamed = [n for n in self.nodes if n.kind != "op" and n.name is None and n.shape is not None
+                   and tuple(n.shape) == shape]
+        grad = param.grad
+        if grad is None:
+            found = [n for n in unnamed if n.grad is None]
+        else:
+            norm, low, high = float(grad.norm()), float(grad.min()), float(grad.max())
+            found = [n for n in unnamed if n.grad is not None and all(
+                math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12)
+                for a, b in ((n.grad.norm, norm), (n.grad.min, low), (n.grad.max, high)))]
+        return _Checked(name, shape, node=found[0]) if len(found) == 1 else None
 
     def _grad_evidence(self, prefix: str, params: list[tuple[str, torch.Tensor]],
                        entries: dict[str, _Checked]) -> int:
@@ -388,7 +411,16 @@ class TraceChecks:
         return None
 
     def _consumers(self, node: TraceNode) -> list[TraceNode]:
-        return [n for n in self.nodes if node.id in n.inputs]
+        """The tensors computed from ``node`` (the graph keeps only inputs; this is the other way)."""
+        nodes = self.nodes
+        cached = self.__dict__.get("_checks_consumers")
+        if cached is None or cached[0] is not nodes:
+            consumers: dict[int, list[TraceNode]] = {}
+            for candidate in nodes:
+                for input_id in dict.fromkeys(candidate.inputs):
+                    consumers.setdefault(input_id, []).append(candidate)
+            cached = self.__dict__["_checks_consumers"] = (nodes, consumers)
+        return cached[1].get(node.id, [])
 
     def _zero_boundary(self, node: TraceNode) -> tuple[TraceNode, TraceNode] | None:
         """Follow an all-zero gradient downstream to the op whose output gradient is not zero.
@@ -396,9 +428,9 @@ class TraceChecks:
         Returns (the input whose gradient is zero, that op's output).
         """
         seen = {node.id}
-        frontier = [node]
+        frontier = deque([node])
         while frontier:
-            current = frontier.pop(0)
+            current = frontier.popleft()
             for consumer in self._consumers(current):
                 if consumer.id in seen:
                     continue
@@ -512,6 +544,8 @@ class TraceChecks:
         if len(text) <= _EXCERPT_LINES:
             return text
         kept: list[str] = [text[0]]
+        if len(text) > 1 and text[1].startswith("  the code raised"):
+            kept.append(text[1])
         heading: str | None = None
         skipped = False
         for line in text[1:]:
