@@ -103,10 +103,10 @@ class TraceChecks:
     def assert_gradients_flow(self, *targets: Any, max_zero_fraction: float | None = None) -> None:
         """Every parameter or tensor given received a finite, non-zero gradient.
 
-        ``targets``: nn.Modules (their parameters that require grad), names (``"x"``, a
-        parameter ``"model.0.weight"``, or a module path ``"model.0"`` for every parameter
-        under it), leaf tensors, or lists of these; none means every leaf and parameter of
-        the trace. Fails naming each tensor that did not and why: no gradient (cut by
+        ``targets``: nn.Modules (their parameters that require grad), tensor names (``"x"``,
+        ``"model.0.weight"``), leaf tensors, or lists of these; none means every leaf and
+        parameter of the trace. (A module path such as ``"model.0"`` is refused: the trace
+        knows only the parameters that reached its graph, so pass the module.) Fails naming each tensor that did not and why: no gradient (cut by
         ``.detach()``, used only under ``no_grad``, not in the graph), NaN/Inf, or a gradient
         that is exactly zero (with the operation where it stopped, e.g. a dead ReLU). With
         ``max_zero_fraction``, also fails when more than that fraction of a gradient's
