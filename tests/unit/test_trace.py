@@ -10,7 +10,6 @@ import torch
 from graphs import seed
 
 import torchmagic
-from torchmagic.trace.recorder import KEY
 from torchmagic.trace.stats import PendingSummary, summarize, summarize_many
 
 
@@ -80,7 +79,7 @@ def test_parameters_are_named_by_module_path():
     assert [n.module for n in linear_ops] == ["model.0", "model.2"]
 
 
-def test_retain_graph_twice_accumulates():
+def test_retain_graph_twice_shows_each_pass_and_the_accumulated_grad_apart():
     with torchmagic.trace() as t:
         x = torch.ones(3, requires_grad=True)
         y = x * 2
@@ -88,8 +87,12 @@ def test_retain_graph_twice_accumulates():
         out.backward(retain_graph=True)
         out.backward()
     assert len(t.passes) == 2 and not t.structure_changed
-    assert torch.equal(t.grad("y"), torch.full((3,), 2.0))
-    assert torch.equal(t.grad("x"), torch.full((3,), 4.0))
+    # what flowed in each pass; PyTorch's .grad holds the sum, shown apart and labelled
+    assert torch.equal(t.grad("y"), torch.ones(3))
+    assert torch.equal(t.grad("x"), torch.full((3,), 2.0))
+    assert torch.equal(t.grad("x", pass_index=0), torch.full((3,), 2.0))
+    assert t.node("x").leaf_grad.values == [4.0, 4.0, 4.0] and torch.equal(x.grad, torch.full((3,), 4.0))
+    assert "accumulated over 2 passes" in t.node("x").leaf_grad_note
 
 
 def test_autograd_grad_gives_leaf_and_intermediate_gradients():
@@ -204,11 +207,12 @@ def test_hooks_are_removed_and_gradients_released_after_the_trace():
         y = x * 3
         out = y.sum()
         out.backward(retain_graph=True)
-    record = y.grad_fn.metadata[KEY]
-    assert record.grads is None  # the graph holds no gradient after the trace
+    engine = torch.autograd.graph._engine_run_backward
+    assert engine.__module__ == "torch.autograd.graph" and torch.autograd._engine_run_backward is engine
+    assert y.grad_fn.metadata == {}  # nothing was written onto the graph
     out.backward()  # outside the trace: nothing is recorded
-    assert record.grads is None
     assert torch.equal(t.grad("y"), torch.ones(2))
+    assert len(t.passes) == 1
 
 
 def test_memory_budget_keeps_statistics_only():
@@ -351,15 +355,24 @@ def test_leaf_gradients_are_shared_with_grad_not_copied_and_later_changes_are_na
     w = torch.ones(3, requires_grad=True)
     with torchmagic.trace() as t:
         (w * 2).sum().backward()
-    assert t.grad("w") is w.grad  # AccumulateGrad kept its buffer: no clone for the trace
-    assert t.node("w").grad.norm == pytest.approx(2 * 3 ** 0.5)
+    assert t.grad("w").data_ptr() == w.grad.data_ptr()  # AccumulateGrad kept its buffer: no clone for the trace
+    assert t.node("w").grad.norm == pytest.approx(2 * 3 ** 0.5) and t.node("w").leaf_grad is None
 
     v = torch.ones(3, requires_grad=True)
     with torchmagic.trace() as t:
         (v * 2).sum().backward()
         torch.nn.utils.clip_grad_norm_([v], max_norm=1.0)  # changes v.grad in place
-    assert t.node("v").grad is None and "changed in place after backward" in t.node("v").missing_reason
+    # the trace copied the pass's gradient before clipping changed .grad, and shows both
+    assert torch.equal(t.grad("v"), torch.full((3,), 2.0))
+    assert t.node("v").leaf_grad.norm == pytest.approx(1.0, rel=1e-4) and "changed after" in t.node("v").leaf_grad_note
     assert t.grad_history["v"][0][1] == pytest.approx(2 * 3 ** 0.5)  # taken before the clipping
+
+    s = torch.ones(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        (s * 2).sum().backward()
+    s.grad.mul_(0.5)  # after the trace, unseen by it: the shared value is no longer the pass's
+    with pytest.raises(LookupError, match="changed in place"):
+        t.grad("s")
 
     u = torch.ones(3, requires_grad=True)
     u.grad = torch.full((3,), 10.0)  # accumulating into an existing .grad: the pass's own gradient is kept

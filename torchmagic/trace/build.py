@@ -1,222 +1,540 @@
-"""Turn what a Recorder saw into a Trace: walk the graph once, name it, summarise gradients."""
+"""Turn what a Recorder saw into a Trace's data: walk the graph once, attribute and name each node, attach gradients.
+
+The graph drawn is the union of the graphs of each call site's last backward pass, plus graphs the
+traced code built and kept in a variable without calling backward. A node is attributed to the
+torch call, module call and line that made it by its autograd sequence number (``forward.py``);
+its gradient is the one the latest pass that reached it computed.
+"""
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Mapping
+from bisect import bisect_right
+from collections import Counter, deque
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
-from .model import MissingGradient, PassInfo, TraceNode
+from .backward import ACCUMULATE_GRAD, HOOK_WRAPPER, PassRecord, edge_of
+from .forward import ForwardLog, Location, op_name
+from .model import MissingGradient, PassInfo, SourceLine, TraceNode
 from .naming import Labeler, NamespaceNames, source_line
-from .recorder import KEY, Recorder, node_op_name
-from .stats import summarize_many
+from .recorder import Recorder
+from .stats import PendingSummary
 
 NOT_CALLED = "backward not called yet"
 NOT_REACHABLE = "not reachable from the output"
 NO_GRAD = "used only under torch.no_grad()"
 DETACHED = "used only through .detach()"
-CHANGED_IN_PLACE = (".grad was changed in place after backward (clipping, zero_grad(set_to_none=False)); "
+CHANGED_IN_PLACE = (".grad was changed in place after the pass, by code the trace did not see; "
                     "the norm per pass was taken before")
+RECENT_LOGS = 4  # forward logs kept per thread, so a later cell's backward can name an earlier cell's ops
+CUT_WALK_LIMIT = 20_000  # nodes walked, in all, to find the leaves a detach cut off
+
+_recent_logs: dict[int, deque[ForwardLog]] = {}
+
+
+def remember_log(log: ForwardLog) -> None:
+    """Keep ``log`` for a while: a graph built now may get its backward in a later recording."""
+    logs = _recent_logs.setdefault(log.thread, deque(maxlen=RECENT_LOGS))
+    if not logs or logs[-1] is not log:
+        logs.append(log)
+
+
+def forget_logs() -> None:
+    _recent_logs.clear()
+
+
+def node_op_name(node: Any) -> str:
+    """Op name from an autograd node's type: ``LogSoftmaxBackward0`` -> ``log_softmax``; a custom
+    ``autograd.Function`` keeps its class name."""
+    name = type(node).__name__
+    if name == "AccumulateGrad":
+        return "leaf"
+    if isinstance(node, torch.autograd.function.BackwardCFunction):
+        return name.removesuffix("Backward")
+    for suffix in ("Backward0", "Backward1", "Backward"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i and not name[i - 1].isupper():
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+# Ops whose backward node lists its inputs in another order than the call's arguments:
+# F.linear(x, w, b) records AddmmBackward0(b, x, w.t()).
+_ARGUMENT_ORDER = {("linear", "AddmmBackward0"): (1, 2, 0)}
 
 
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
 
 
-def _post_order(roots: list[Any], known: dict[Any, tuple] | None = None) -> tuple[list[Any], dict[Any, tuple]]:
-    """Autograd nodes reachable from ``roots``, inputs before the ops that consume them.
+class _Attribution:
+    """Per forward log: module-call segments, computed once."""
 
-    Also returns each node's ``next_functions``: reading that attribute builds a new tuple
-    (about 1 us), so it is read once per node here and reused.
-    """
-    order: list[Any] = []
-    edges: dict[Any, tuple] = {}
-    for root in roots:
-        stack = [(root, False)]
-        while stack:
-            node, expanded = stack.pop()
-            if expanded:
-                order.append(node)
+    def __init__(self, log: ForwardLog) -> None:
+        self.log = log
+        self.starts, self.stacks = log.module_calls()
+
+    def calls_at(self, seq: int) -> tuple:
+        k = bisect_right(self.starts, seq) - 1
+        return self.stacks[k] if k >= 0 else ()
+
+
+class Builder:
+    """One build: a sequence of named steps over the recorder's passes and forward log."""
+
+    def __init__(self, recorder: Recorder, namespace: Mapping[str, Any] | None, labeler: Labeler | None,
+                 extra_roots: Sequence[Any]) -> None:
+        self.recorder = recorder
+        self.names = NamespaceNames(namespace)
+        self.labeler = labeler
+        self.extra_roots = [t for t in extra_roots if issubclass(type(t), torch.Tensor)]
+        log = recorder.log
+        self.attributions = [_Attribution(log)] + [_Attribution(old) for old in reversed(_recent_logs.get(log.thread, ()))
+                                                    if old is not log]
+        self.lines: dict[Location | None, SourceLine | None] = {}
+        self.kept = [p for p in recorder.passes if p.kept]
+
+    # -- the steps ------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        roots = self.roots()
+        nexts = self.adjacency()
+        order = self.post_order([node for node, _ in roots], nexts)
+        alias = self.hook_wrappers(order, nexts)
+        roots = list(dict.fromkeys(alias.get(edge, edge) for edge in roots))
+        gradients = self.gradients(alias)
+        seqs = {node: node._sequence_nr() for node in order if type(node) is not ACCUMULATE_GRAD}
+        edge_names = self.edge_names(order, seqs, alias)
+        recomputed = self.recomputed(nexts)
+        nodes, data = self.make_nodes(order, nexts, alias, roots, gradients, seqs, edge_names, recomputed)
+        calls = data.pop("calls")
+        module_calls = self.resolve_scopes(nodes, calls)
+        _label_rebound_names(nodes)
+        _assign_modules(nodes)
+        data.update(
+            nodes=nodes,
+            missing=self.missing(data.pop("in_graph")),
+            passes=self.pass_infos(edge_names),
+            grad_history=self.history(),
+            op_count=self.recorder.op_count,
+            modules=self.module_types(nodes),
+            module_calls=module_calls,
+            notes=self.notes(recomputed, nodes),
+        )
+        return data
+
+    def roots(self) -> list[tuple[Any, int]]:
+        """Every kept pass's roots, then tensors the code made and kept in a variable (or returned)."""
+        edges: list[tuple[Any, int]] = []
+        for record in self.kept:
+            edges += record.roots
+            for inner in record.inner:
+                edges += inner.roots
+        log = self.recorder.log
+        for tensor in [t for _, t in self.names.tensors] + self.extra_roots:
+            node = tensor.grad_fn
+            if node is not None and log.made_here(node._sequence_nr()):
+                edges.append((node, tensor.output_nr))
+        return list(dict.fromkeys(edge for edge in edges if edge[0] is not None))
+
+    def adjacency(self) -> dict[Any, tuple]:
+        nexts: dict[Any, tuple] = {}
+        for record in self.kept:
+            nexts.update(record.nexts)
+            for inner in record.inner:
+                nexts.update(inner.nexts)
+        return nexts
+
+    @staticmethod
+    def post_order(roots: list[Any], nexts: dict[Any, tuple]) -> list[Any]:
+        """Nodes reachable from ``roots``, inputs before the ops that consume them (``nexts`` is
+        filled in for nodes no pass walked)."""
+        order: list[Any] = []
+        done: set[Any] = set()
+        for root in dict.fromkeys(roots):
+            stack = [(root, False)]
+            while stack:
+                node, expanded = stack.pop()
+                if expanded:
+                    order.append(node)
+                    continue
+                if node in done:
+                    continue
+                done.add(node)
+                children = nexts.get(node)
+                if children is None:
+                    children = nexts[node] = node.next_functions
+                stack.append((node, True))
+                for child, _ in reversed(children):
+                    if child is not None and child not in done:
+                        stack.append((child, False))
+        return order
+
+    @staticmethod
+    def hook_wrappers(order: list[Any], nexts: dict[Any, tuple]) -> dict[tuple[Any, int], tuple[Any, int]]:
+        """Module backward hooks wrap tensors in identity nodes: map each wrapped edge to the real one."""
+        alias: dict[tuple[Any, int], tuple[Any, int]] = {}
+        for node in order:  # inputs first: a wrapper of a wrapper resolves in one step
+            if type(node).__name__ == HOOK_WRAPPER:
+                for index, edge in enumerate(nexts[node]):
+                    alias[(node, index)] = alias.get(edge, edge)
+        return alias
+
+    def gradients(self, alias: dict) -> dict[tuple[Any, int], list[tuple[int, Any, PassRecord]]]:
+        """edge -> [(pass index, tensor or summary, pass record)], oldest pass first."""
+        found: dict[tuple[Any, int], list[tuple[int, Any, PassRecord]]] = {}
+        for record in self.kept:
+            for part in [record, *record.inner]:
+                for store in (part.grads, part.summaries):
+                    for edge, value in store.items():
+                        found.setdefault(alias.get(edge, edge), []).append((record.index, value, part))
+        return found
+
+    def edge_names(self, order: list[Any], seqs: dict[Any, int], alias: dict) -> dict[tuple[Any, int], list]:
+        """edge -> [(name, location)] from the code's assignments, then the namespace's names."""
+        names: dict[tuple[Any, int], list] = {}
+        for node in order:
+            seq = seqs.get(node)
+            if seq is None:
                 continue
-            if node in edges:
+            for attribution in self.attributions:
+                bindings = attribution.log.bindings.get(seq)
+                if bindings:
+                    for output_nr, name, location in bindings:
+                        edge = alias.get((node, output_nr), (node, output_nr))
+                        names.setdefault(edge, []).append((name, location))
+                    break
+        for name, tensor in self.names.tensors:
+            node = tensor.grad_fn
+            if node is not None:
+                edge = (node, tensor.output_nr)
+                entries = names.setdefault(alias.get(edge, edge), [])
+                if not entries:
+                    entries.append((name, None))
+        return names
+
+    def recomputed(self, nexts: dict) -> set[Any]:
+        """Nodes that only graphs built during backward reach (reentrant checkpoint recomputes its block)."""
+        inner_nodes: set[Any] = set()
+        for record in self.kept:
+            for inner in record.inner:
+                inner_nodes.update(inner.nexts)
+        if not inner_nodes:
+            return set()
+        outer_roots = [node for record in self.kept for node, _ in record.roots]
+        outer = set(self.post_order(outer_roots, dict(nexts)))
+        return inner_nodes - outer
+
+    def make_nodes(self, order, nexts, alias, roots, gradients, seqs, edge_names, recomputed):
+        root_set = set(roots)
+        used: dict[Any, set[int]] = {}
+        for node in order:
+            for edge in nexts[node]:
+                if edge[0] is not None:
+                    real = alias.get(edge, edge)
+                    used.setdefault(real[0], set()).add(real[1])
+        consumed = {alias.get(edge, edge) for node in order for edge in nexts[node] if edge[0] is not None}
+        for node, index in roots:
+            used.setdefault(node, set()).add(index)
+        outputs_set = {edge for edge in roots if edge not in consumed}
+        named_outputs: dict[Any, set[int]] = {}
+        for node, output_nr in edge_names:
+            named_outputs.setdefault(node, set()).add(output_nr)
+        nodes: list[TraceNode] = []
+        ids: dict[tuple[Any, int], int] = {}
+        grad_tensors: dict[int, torch.Tensor] = {}
+        grad_versions: dict[int, int] = {}
+        summaries: dict[int, PendingSummary] = {}
+        pass_values: dict[int, dict[int, Any]] = {}
+        in_graph: set[int] = set()
+        calls: dict[int, tuple] = {}
+        has_passes = bool(self.recorder.passes)
+        for op_id, node in enumerate(order):
+            kind_name = type(node).__name__
+            if kind_name == HOOK_WRAPPER:
                 continue
-            children = known.get(node) if known else None
-            if children is None:
-                children = node.next_functions
-            edges[node] = children
-            stack.append((node, True))
-            for child, _ in reversed(children):
-                if child is not None and child not in edges:
-                    stack.append((child, False))
-    return order, edges
+            is_leaf = type(node) is ACCUMULATE_GRAD
+            outputs = set(used.get(node, ()))
+            seq = seqs.get(node)
+            attribution = self._attribution(seq) if seq is not None and node not in recomputed else None
+            if not is_leaf:
+                outputs.update(named_outputs.get(node, ()))
+            inputs = [ids[alias.get(edge, edge)] for edge in nexts[node]
+                      if edge[0] is not None and alias.get(edge, edge) in ids]
+            if is_leaf:
+                common = self._leaf_common(node)
+            else:
+                common = self._op_common(node, seq, attribution, kind_name, inputs)
+                inputs = common.pop("inputs")
+            for output_nr in sorted(outputs) or [0]:
+                edge = (node, output_nr)
+                trace_id = len(nodes)
+                ids[edge] = trace_id
+                bindings = edge_names.get(edge, [])
+                if is_leaf:
+                    trace_node = TraceNode(id=trace_id, op_id=op_id, output_nr=output_nr, inputs=tuple(inputs),
+                                           is_output=edge in outputs_set, **common["fields"],
+                                           source=self._line(common["location"]))
+                    in_graph.add(id(node.variable))
+                else:
+                    trace_node = self._op_node(trace_id, op_id, edge, inputs, common, bindings, edge in outputs_set)
+                    calls[trace_id] = common["calls"]
+                    trace_node.grad_seq = -seq if seq is not None else None
+                self._attach_gradient(trace_node, edge, gradients, grad_tensors, grad_versions, summaries, pass_values)
+                if is_leaf:
+                    self._leaf_state(trace_node, node.variable, has_passes)
+                nodes.append(trace_node)
+        return nodes, dict(grad_tensors=grad_tensors, grad_versions=grad_versions, summaries=summaries,
+                           pass_values=pass_values, in_graph=in_graph, calls=calls)
+
+    # -- one node -----------------------------------------------------------------------
+    def _attribution(self, seq: int) -> _Attribution | None:
+        for attribution in self.attributions:
+            if attribution.log.made_here(seq):
+                return attribution
+        return None
+
+    def _leaf_common(self, node: Any) -> dict[str, Any]:
+        variable = node.variable
+        info = self.recorder.leaves.get(id(variable))
+        params = self.names.params.get(id(variable), [])
+        binding_names = [n for n, _ in info.names] if info is not None else []
+        all_names = tuple(dict.fromkeys(params + self.names.by_id.get(id(variable), []) + binding_names))
+        location = None
+        if info is not None:
+            location = info.location or (info.names[0][1] if info.names else None)
+        op = "parameter" if params else (info.op if info is not None and info.op else "leaf")
+        fields = dict(kind="param" if params else "leaf", op=op, name=all_names[0] if all_names else None,
+                      names=all_names, shape=tuple(variable.shape), dtype=_dtype_name(variable.dtype),
+                      device=str(variable.device))
+        return {"fields": fields, "location": location}
+
+    def _op_common(self, node: Any, seq: int | None, attribution: _Attribution | None, kind_name: str,
+                   inputs: list[int]) -> dict[str, Any]:
+        op, location, calls = None, None, ()
+        if attribution is not None:
+            found = attribution.log.op_at(seq)
+            if found is not None and found[1]:
+                op = op_name(found[0])
+            location = attribution.log.location_at(seq)
+            calls = attribution.calls_at(seq)
+        if op is None:
+            op = node_op_name(node)
+        order = _ARGUMENT_ORDER.get((op, kind_name))
+        if order is not None and len(inputs) == len(order):
+            inputs = [inputs[i] for i in order]
+        try:
+            metadata = node._input_metadata
+        except Exception:
+            metadata = ()
+        return {"op": op, "location": location, "calls": calls, "metadata": metadata, "inputs": inputs,
+                "seen_forward": attribution is not None}
+
+    def _op_node(self, trace_id, op_id, edge, inputs, common, bindings, is_output) -> TraceNode:
+        node, output_nr = edge
+        metadata = common["metadata"]
+        shape = dtype = device = None
+        if output_nr < len(metadata):
+            meta = metadata[output_nr]
+            shape, dtype, device = tuple(meta.shape), meta.dtype, meta.device
+        all_names = tuple(dict.fromkeys(n for n, _ in bindings))
+        location = common["location"] or next((loc for _, loc in bindings if loc is not None), None)
+        trace_node = TraceNode(
+            id=trace_id, kind="op", op=common["op"], op_id=op_id, output_nr=output_nr,
+            name=all_names[0] if all_names else None, names=all_names, shape=shape, dtype=_dtype_name(dtype),
+            device=None if device is None else str(device), inputs=tuple(inputs), source=self._line(location),
+            module=None, is_output=is_output, seen_forward=common["seen_forward"],
+        )
+        return trace_node
+
+    def _line(self, location: Location | None) -> SourceLine | None:
+        if location in self.lines:
+            return self.lines[location]
+        line = self.lines[location] = source_line(location, self.labeler)
+        return line
+
+    def _attach_gradient(self, trace_node, edge, gradients, grad_tensors, grad_versions, summaries, pass_values):
+        found = gradients.get(edge)
+        if not found:
+            return
+        if len(found) > 1:
+            pass_values[trace_node.id] = {index: value for index, value, _ in found}
+        index, value, part = found[-1]
+        trace_node.grad_pass = index
+        if isinstance(value, PendingSummary):
+            summaries[trace_node.id] = value
+            return
+        version = part.versions.get(edge)
+        if version is not None and value._version != version:
+            trace_node.missing_reason = CHANGED_IN_PLACE
+            trace_node.grad_pass = None
+            return
+        grad_tensors[trace_node.id] = value
+        trace_node.grad_kept = True
+        if version is not None:
+            grad_versions[trace_node.id] = version
+        if trace_node.shape is None:
+            trace_node.shape, trace_node.dtype = tuple(value.shape), _dtype_name(value.dtype)
+
+    def _leaf_state(self, trace_node: TraceNode, variable: torch.Tensor, has_passes: bool) -> None:
+        final = self.recorder.final_grads.get(id(variable))
+        if final is not None:
+            summary, _, note = final
+            trace_node.leaf_grad = summary.resolve() if summary is not None else None
+            trace_node.leaf_grad_note = note
+        if trace_node.grad_pass is None and trace_node.missing_reason is None:
+            history = self.recorder.leaf_history.get(id(variable))
+            if history:
+                trace_node.missing_reason = self._earlier_pass(history[1][-1][0])
+            else:
+                trace_node.missing_reason = NOT_REACHABLE if has_passes else NOT_CALLED
+
+    def _earlier_pass(self, index: int) -> str:
+        record = self.recorder.passes[index]
+        where = str(self._line(record.location)) if record.location else "an earlier call"
+        return f"reached by pass {index + 1} ({where}), whose graph a later pass from the same line replaced"
+
+    # -- what the graph does not show ------------------------------------------------------
+    def missing(self, in_graph: set[int]) -> list[MissingGradient]:
+        """Leaves that require grad and got no gradient in the graph shown, and why."""
+        out: list[MissingGradient] = []
+        reported: set[int] = set()
+        cut_leaves = self._cut_leaves(in_graph)
+        for key, info in self.recorder.leaves.items():
+            if key in in_graph:
+                continue
+            label = self._leaf_label(key, info.names[0][0] if info.names else None)
+            if label is None:
+                continue
+            location = info.location or (info.names[0][1] if info.names else None)
+            if info.detached:
+                reason, location = DETACHED, info.detached
+            elif key in cut_leaves:
+                cut = cut_leaves[key][1]
+                reason, location = f"cut off by {cut.how}", cut.location
+            elif info.no_grad:
+                reason, location = NO_GRAD, info.no_grad
+            elif key in self.recorder.leaf_history:
+                reason = self._earlier_pass(self.recorder.leaf_history[key][1][-1][0])
+            else:
+                reason = NOT_REACHABLE if self.recorder.passes else NOT_CALLED
+            reported.add(key)
+            out.append(MissingGradient(label, tuple(info.tensor.shape), reason, self._line(location)))
+        for key, (leaf, cut) in cut_leaves.items():
+            if key in reported:
+                continue
+            label = self._leaf_label(key, None)
+            if label is not None:
+                out.append(MissingGradient(label, tuple(leaf.shape), f"cut off by {cut.how}", self._line(cut.location)))
+        return out
+
+    def _leaf_label(self, key: int, fallback: str | None) -> str | None:
+        params = self.names.params.get(key)
+        if params:
+            return params[0]
+        return next(iter(self.names.by_id.get(key, [])), None) or fallback
+
+    def _cut_leaves(self, in_graph: set[int]) -> dict[int, tuple[torch.Tensor, Any]]:
+        """Leaves a ``.detach()`` (or use under no_grad) cut off: reachable from a cut, not from the graph shown."""
+        found: dict[int, tuple[torch.Tensor, Any]] = {}
+        budget = CUT_WALK_LIMIT
+        for cut in self.recorder.cuts:
+            stack, seen = [cut.node], set()
+            while stack and budget > 0:
+                node = stack.pop()
+                if node in seen:
+                    continue
+                seen.add(node)
+                budget -= 1
+                if type(node) is ACCUMULATE_GRAD:
+                    variable = node.variable
+                    if id(variable) not in in_graph:
+                        found.setdefault(id(variable), (variable, cut))
+                    continue
+                stack.extend(child for child, _ in node.next_functions if child is not None)
+        return found
+
+    def pass_infos(self, edge_names: dict) -> list[PassInfo]:
+        infos = []
+        for record in self.recorder.passes:
+            roots = []
+            for edge in record.roots:
+                names = edge_names.get(edge)
+                roots.append(names[0][0] if names else "?")
+            infos.append(PassInfo(index=record.index, entry=record.entry, roots=tuple(roots),
+                                  node_count=record.node_count, signature=record.signature,
+                                  location=self._line(record.location), strategy=record.strategy,
+                                  note=record.reason, kept=record.kept, failed=record.failed))
+        return infos
+
+    def history(self) -> dict[str, list[tuple[int, float]]]:
+        out: dict[str, list[tuple[int, float]]] = {}
+        for key, (leaf, norms) in self.recorder.leaf_history.items():
+            info = self.recorder.leaves.get(key)
+            label = self._leaf_label(key, info.names[0][0] if info is not None and info.names else None)
+            if label is None:
+                continue
+            by_pass: dict[int, float] = {}
+            for index, norm in norms:
+                by_pass[index] = float(norm)
+            out[label] = sorted(by_pass.items())
+        return out
+
+    def module_types(self, nodes: list[TraceNode]) -> dict[str, str]:
+        paths = sorted({prefix for module in {n.module for n in nodes if n.module} for prefix in _prefixes(module)})
+        return {path: self.names.module_types.get(path, "") for path in paths}
+
+    def resolve_scopes(self, nodes: list[TraceNode], calls: dict[int, tuple]) -> dict[str, int]:
+        """Turn each op's (module, call index) pairs into ``scope`` ((path, call number), ...), call
+        numbers counting only the calls the graph shows; returns how many calls of each path it shows."""
+        seen: dict[str, set[int]] = {}
+        paths = self.names.modules
+        for pairs in calls.values():
+            for module, index in pairs:
+                path = paths.get(id(module))
+                if path is not None:
+                    seen.setdefault(path, set()).add(index)
+        numbers = {path: {index: rank + 1 for rank, index in enumerate(sorted(indices))}
+                   for path, indices in seen.items()}
+        for trace_id, pairs in calls.items():
+            scope = tuple((paths[id(module)], numbers[paths[id(module)]][index]) for module, index in pairs
+                          if id(module) in paths)
+            if scope:
+                nodes[trace_id].scope = scope
+                nodes[trace_id].module = scope[-1][0]
+        return {path: len(indices) for path, indices in seen.items()}
+
+    def notes(self, recomputed: set[Any], nodes: list[TraceNode]) -> list[str]:
+        """What the trace left out or recorded another way, one line each."""
+        out = list(self.recorder.untraced.values())
+        hooked = [p for p in self.recorder.passes if p.strategy == "hooks"]
+        if hooked:
+            reasons = sorted({p.reason for p in hooked})
+            out.append(f"{len(hooked)} backward pass{'es' if len(hooked) != 1 else ''} recorded with a hook on each "
+                       f"node, exactly as untraced but slower: {'; '.join(reasons)}")
+        if recomputed:
+            out.append(f"{len(recomputed)} ops were recomputed during backward by reentrant checkpoint; "
+                       "their gradients are from that recomputation")
+        if any(n.op == "compiled_function" for n in nodes):
+            out.append("torch.compile'd regions are drawn as one op each (compiled_function): "
+                       "their insides are not recorded")
+        return out
 
 
-def build(
-    recorder: Recorder,
-    namespace: Mapping[str, Any] | None = None,
-    labeler: Labeler | None = None,
-    extra_roots: list[torch.Tensor] = (),
-) -> dict[str, Any]:
+def build(recorder: Recorder, namespace: Mapping[str, Any] | None = None, labeler: Labeler | None = None,
+          extra_roots: Sequence[Any] = ()) -> dict[str, Any]:
     """Everything a Trace holds, as keyword arguments for it. Releases the recorder."""
     try:
-        return _build(recorder, namespace, labeler, list(extra_roots))
+        with torch._C.DisableTorchFunctionSubclass():
+            return Builder(recorder, namespace, labeler, extra_roots).run()
     finally:
         recorder.release()
-
-
-def _build(recorder: Recorder, namespace, labeler, extra_roots) -> dict[str, Any]:
-    names = NamespaceNames(namespace)
-    root_edges: list[tuple[Any, int]] = []
-    if recorder.passes:
-        root_edges.extend(recorder.passes[-1].root_edges)
-    candidates = [t for _, t in names.tensors] + [t for t in extra_roots if isinstance(t, torch.Tensor)]
-    for tensor in candidates:
-        node = tensor.grad_fn
-        if node is None:
-            continue
-        record = node.metadata.get(KEY)
-        if record is not None and record.trace_id == recorder.trace_id and record.seen_forward:
-            root_edges.append((node, tensor.output_nr))
-    edge_names: dict[tuple[Any, int], str] = {}
-    for name, tensor in names.tensors:
-        if tensor.grad_fn is not None:
-            edge_names.setdefault((tensor.grad_fn, tensor.output_nr), name)
-
-    root_nodes = list(dict.fromkeys(node for node, _ in root_edges))
-    order, next_edges = _post_order(root_nodes, recorder.last_edges)
-    used: dict[Any, set[int]] = {node: set() for node in order}
-    consumed: set[tuple[Any, int]] = set()
-    for node in order:
-        for edge in next_edges[node]:
-            if edge[0] is not None:
-                used[edge[0]].add(edge[1])
-                consumed.add(edge)
-    root_set = {edge for edge in root_edges if edge not in consumed}
-    for node, index in root_edges:
-        used[node].add(index)
-
-    nodes: list[TraceNode] = []
-    ids: dict[tuple[Any, int], int] = {}
-    grad_tensors: dict[int, torch.Tensor] = {}
-    summaries: dict[int, Any] = {}
-    seqs: dict[int, int] = {}
-    in_graph_leaves: set[int] = set()
-    has_passes = bool(recorder.passes)
-    lines: dict[Any, Any] = {}  # location -> SourceLine: a loop's ops share a handful of lines
-
-    for op_id, node in enumerate(order):
-        record = node.metadata.get(KEY)
-        is_leaf = type(node).__name__ == "AccumulateGrad"
-        outputs = set(used[node])
-        if record is not None and not is_leaf:
-            outputs.update(record.names)
-        inputs = tuple(ids[edge] for edge in next_edges[node] if edge[0] is not None)
-        for output_nr in sorted(outputs):
-            trace_id = len(nodes)
-            ids[(node, output_nr)] = trace_id
-            bindings = list(record.names.get(output_nr, ())) if record is not None else []
-            location = record.location if record is not None else None
-            module = names.modules.get(id(record.module)) if record is not None and record.module is not None else None
-            if is_leaf:
-                variable = node.variable
-                in_graph_leaves.add(id(variable))
-                info = recorder.leaves.get(id(variable))
-                param = names.params.get(id(variable))
-                binding_names = [n for n, _ in info.names] if info is not None else []
-                # the module path, then what the namespace calls it now, then the cell's bindings
-                leaf_names = ([param] if param else []) + names.by_id.get(id(variable), []) + binding_names
-                kind = "param" if param else "leaf"
-                op = "parameter" if param else (info.op if info is not None and info.op else "leaf")
-                if info is not None:
-                    location = info.location or (info.names[0][1] if info.names else None)
-                shape, dtype, device = tuple(variable.shape), variable.dtype, variable.device
-                all_names = tuple(dict.fromkeys(leaf_names))
-            else:
-                kind = "op"
-                op = record.op if record is not None else node_op_name(node)
-                all_names = tuple(dict.fromkeys(n for n, _ in bindings))
-                if not all_names and (node, output_nr) in edge_names:
-                    all_names = (edge_names[(node, output_nr)],)
-                meta = record.outputs.get(output_nr) if record is not None else None
-                shape, dtype, device = meta if meta is not None else (None, None, None)
-                if meta is None and record is not None and record.grads and output_nr in record.grads:
-                    # made inside a call the mode saw as one: its gradient has its shape and dtype
-                    held = record.grads[output_nr]
-                    source = held.tensor if held.tensor is not None else held.summary
-                    shape, dtype = tuple(source.shape), source.dtype
-                if location is None and bindings:
-                    location = bindings[0][1]
-            slot = record.grads.get(output_nr) if record is not None and record.grads else None
-            trace_node = TraceNode(
-                id=trace_id,
-                kind=kind,
-                op=op,
-                op_id=op_id,
-                output_nr=output_nr,
-                name=all_names[0] if all_names else None,
-                names=all_names,
-                shape=shape,
-                dtype=_dtype_name(dtype),
-                device=None if device is None else str(device),
-                inputs=inputs,
-                source=lines[location] if location in lines else lines.setdefault(location, source_line(location, labeler)),
-                module=module,
-                seen_forward=record is not None and record.seen_forward,
-                is_output=(node, output_nr) in root_set,
-            )
-            if slot is not None and slot.version is not None and slot.tensor._version != slot.version:
-                # the leaf's .grad (which the trace shares, to spare a copy) changed after backward
-                trace_node.missing_reason = CHANGED_IN_PLACE
-            elif slot is not None:
-                seqs[trace_id] = slot.seq
-                if slot.tensor is not None:
-                    grad_tensors[trace_id] = slot.tensor
-                    trace_node.grad_kept = True
-                else:
-                    summaries[trace_id] = slot.summary
-            elif kind != "op":
-                trace_node.missing_reason = NOT_REACHABLE if has_passes else NOT_CALLED
-            nodes.append(trace_node)
-
-    _label_rebound_names(nodes)
-    _assign_modules(nodes)
-    for trace_id, summary in summaries.items():  # over the memory budget: summarised in the hook
-        nodes[trace_id].grad = summary.resolve()
-        nodes[trace_id].grad_seq = seqs[trace_id]
-    for trace_id in grad_tensors:
-        nodes[trace_id].grad_seq = seqs[trace_id]
-
-    missing = _missing_leaves(recorder, names, in_graph_leaves, labeler)
-    passes = [
-        PassInfo(
-            index=i,
-            entry=p.entry,
-            roots=tuple(edge_names.get(edge, "?") for edge in p.root_edges),
-            node_count=p.node_count,
-            signature=p.signature,
-        )
-        for i, p in enumerate(recorder.passes)
-    ]
-    history: dict[str, list[tuple[int, float]]] = {}
-    for leaf, norms in recorder.leaf_history.values():
-        label = names.params.get(id(leaf)) or next(iter(names.by_id.get(id(leaf), [])), None)
-        info = recorder.leaves.get(id(leaf))
-        if label is None and info is not None and info.names:
-            label = info.names[0][0]
-        if label is not None:
-            history[label] = [(index, float(norm)) for index, norm in norms]
-    return dict(
-        nodes=nodes,
-        grad_tensors=grad_tensors,
-        missing=missing,
-        passes=passes,
-        grad_history=history,
-        op_count=recorder.op_count,
-        modules={path: names.module_types.get(path, "") for path in
-                 sorted({prefix for module in {n.module for n in nodes if n.module} for prefix in _prefixes(module)})},
-    )
 
 
 def _prefixes(path: str) -> list[str]:
@@ -225,11 +543,10 @@ def _prefixes(path: str) -> list[str]:
 
 
 def _assign_modules(nodes: list[TraceNode]) -> None:
-    """Give every tensor the nn.Module it belongs to, where the forward hooks could not say.
+    """Give every tensor the nn.Module it belongs to, where the forward log could not say.
 
-    A parameter belongs to the module that owns it (``model.0.weight`` -> ``model.0``). An
-    operation torch ran inside a functional call the mode saw as one (the internals of
-    ``multi_head_attention_forward``) belongs to the module of the tensor that consumed it.
+    A parameter belongs to the module that owns it (``model.0.weight`` -> ``model.0``). An op
+    made in an earlier recording belongs to the module of the tensor that consumed it.
     """
     for node in nodes:
         if node.kind == "param" and node.module is None and node.name and "." in node.name:
@@ -243,6 +560,7 @@ def _assign_modules(nodes: list[TraceNode]) -> None:
             consumer = consumers.get(node.id)
             if consumer is not None:
                 node.module = consumer.module
+                node.scope = consumer.scope
 
 
 def _label_rebound_names(nodes: list[TraceNode]) -> None:
@@ -255,42 +573,43 @@ def _label_rebound_names(nodes: list[TraceNode]) -> None:
             node.name = f"{node.name} ({seen[node.name]})"
 
 
-def _missing_leaves(recorder: Recorder, names: NamespaceNames, in_graph: set[int], labeler) -> list[MissingGradient]:
-    missing = []
-    for key, info in recorder.leaves.items():
-        if key in in_graph:
-            continue
-        label = (names.params.get(key) or next(iter(names.by_id.get(key, [])), None)
-                 or (info.names[0][0] if info.names else None))
-        if label is None:
-            continue  # nobody can refer to it: not worth a line
-        if info.detached:
-            reason = DETACHED
-        elif info.no_grad:
-            reason = NO_GRAD
-        elif recorder.passes:
-            reason = NOT_REACHABLE
-        else:
-            reason = NOT_CALLED
-        location = info.location or (info.names[0][1] if info.names else None)
-        missing.append(MissingGradient(label, tuple(info.tensor.shape), reason, source_line(location, labeler)))
-    return missing
-
-
-def summarize_gradients(nodes: list[TraceNode], grad_tensors: dict[int, torch.Tensor], small_values: int) -> None:
+def summarize_gradients(nodes: list[TraceNode], grad_tensors: dict[int, torch.Tensor],
+                        summaries: dict[int, PendingSummary], small_values: int) -> None:
     """Fill in each node's gradient statistics and mark the first non-finite gradient.
 
     Deferred until a view or ``t.nodes`` needs it: reading every gradient costs memory
     bandwidth comparable to the backward pass itself, and a script may never look.
     """
+    from .stats import summarize_many
+
     kept = list(grad_tensors)
     for trace_id, summary in zip(kept, summarize_many([grad_tensors[i] for i in kept], small_values)):
         nodes[trace_id].grad = summary
         if nodes[trace_id].shape is None:
             nodes[trace_id].shape = summary.shape
-    origin = None
+    for trace_id, pending in summaries.items():
+        nodes[trace_id].grad = pending.resolve()
+    _mark_first_nonfinite(nodes)
+
+
+def _mark_first_nonfinite(nodes: list[TraceNode]) -> None:
+    """Mark where the first NaN/Inf gradient appeared: a tensor whose gradient is not finite while
+    every op that used it got a finite one (so that op's backward made it), in the first pass that
+    had one; among several, the one the engine computed first (it runs the newest ops first)."""
+    bad = [n for n in nodes if n.grad is not None and not n.grad.finite]
+    if not bad:
+        return
+    consumers: dict[int, list[TraceNode]] = {}
     for node in nodes:
-        if node.grad is not None and not node.grad.finite and (origin is None or node.grad_seq < origin.grad_seq):
-            origin = node
-    if origin is not None:
-        origin.nonfinite_origin = True
+        for input_id in node.inputs:
+            consumers.setdefault(input_id, []).append(node)
+
+    def fed_finite(node: TraceNode) -> bool:
+        return all(c.grad is None or c.grad.finite or c.grad_pass != node.grad_pass for c in consumers.get(node.id, ()))
+
+    first_pass = min(n.grad_pass if n.grad_pass is not None else 0 for n in bad)
+    in_pass = [n for n in bad if (n.grad_pass or 0) == first_pass]
+    origins = [n for n in in_pass if fed_finite(n)] or in_pass
+    # op nodes carry -seq (smaller: computed earlier); leaves come last in the engine's order
+    origin = min(origins, key=lambda n: n.grad_seq if n.grad_seq is not None else float("inf"))
+    origin.nonfinite_origin = True

@@ -21,6 +21,9 @@ class SourceLine:
 
 
 def _format_number(value: float) -> str:
+    if isinstance(value, complex):
+        imag = _format_number(abs(value.imag))
+        return f"{_format_number(value.real)}{'-' if value.imag < 0 or str(value.imag) == '-0.0' else '+'}{imag}j"
     if isinstance(value, bool):
         return str(value)
     if isinstance(value, int):
@@ -60,6 +63,7 @@ class GradientSummary:
     nan_count: int
     inf_count: int
     values: Any = None  # a nested list (or a number) when the tensor is small
+    note: str | None = None  # what kind of statistics these are, or why there are none (meta, complex, sparse)
 
     @property
     def finite(self) -> bool:
@@ -71,6 +75,8 @@ class GradientSummary:
             text = format_values(self.values)
         elif self.numel == 0:
             text = "(empty)"
+        elif not self.has_statistics:
+            text = f"{self.shape} ({self.note})" if self.note else "(no statistics)"
         else:
             text = (
                 f"mean {_format_number(self.mean)}  min {_format_number(self.min)}  "
@@ -78,7 +84,14 @@ class GradientSummary:
             )
         if not self.finite:
             text += f"  [{self.nan_count} NaN, {self.inf_count} Inf]"
+        if self.note and self.has_statistics:
+            text += f"  ({self.note})"
         return text
+
+    @property
+    def has_statistics(self) -> bool:
+        """False for a tensor without data (meta) or whose statistics could not be taken."""
+        return not (math.isnan(self.norm) and self.nan_count == 0)
 
 
 @dataclass
@@ -134,13 +147,29 @@ class TraceNode:
 
 @dataclass(frozen=True)
 class PassInfo:
-    """One backward call during the traced code."""
+    """One backward call during the traced code: where it was made and how it was recorded.
+
+    Only the last pass from each line of code keeps its graph and gradients (``kept``); a training
+    loop's earlier passes leave their per-pass gradient norms (``Trace.grad_history``).
+    """
 
     index: int
-    entry: str  # "backward" or "grad"
+    entry: str  # "backward" or "grad" (torch.autograd.grad)
     roots: tuple[str, ...]
     node_count: int
     signature: int
+    location: SourceLine | None = None  # the line that called backward
+    strategy: str = "capture"  # "capture": one engine pass; "hooks": a prehook on each node (see note)
+    note: str = ""  # why the pass was recorded with hooks
+    kept: bool = True
+    failed: str | None = None  # the error the pass raised, if it did
+
+    def describe(self) -> str:
+        """``pass 2: errG.backward() (In [4], line 9)``."""
+        root = ", ".join(self.roots) or "?"
+        call = f"{root}.backward()" if self.entry == "backward" else f"autograd.grad({root}, ...)"
+        where = f" ({self.location})" if self.location is not None else ""
+        return f"pass {self.index + 1}: {call}{where}"
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,48 @@
-"""Gradient statistics: one tensor at a time, or many at once in a few batched kernels."""
+"""Gradient statistics: honest for every kind of tensor, batched where many small ones are alike.
+
+Dense real gradients get mean, min, max, norm and NaN/Inf counts; a complex one the same over
+its magnitudes (and says so), with its values as complex numbers when small; a sparse one is
+reduced over its stored values; a meta tensor has a shape and no data. Statistics never go
+through a tensor subclass's ``__torch_function__`` and never raise: what cannot be computed is
+said in the summary's note.
+"""
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from .model import GradientSummary
 
-
-def _as_real(tensor: torch.Tensor) -> torch.Tensor:
-    tensor = tensor.detach()
-    if tensor.is_complex():
-        tensor = tensor.abs()
-    if tensor.dtype not in (torch.float64, torch.float32):
-        tensor = tensor.float()
-    return tensor
-
+_no_subclass = torch._C.DisableTorchFunctionSubclass
 
 # Gradients up to this many elements are stacked and reduced together; bigger ones are reduced
 # one at a time with no copy (aminmax, sum, norm; NaN/Inf counted only when present).
 STACK_LIMIT = 4096
+COMPLEX_NOTE = "complex: mean, min and max of |g|"
+
+
+def _empty(shape: tuple[int, ...], note: str) -> GradientSummary:
+    """A summary with no statistics (a meta tensor, or one whose statistics failed), saying why."""
+    nan = float("nan")
+    return GradientSummary(shape, math.prod(shape), nan, nan, nan, nan, 0, 0, None, note)
+
+
+def _special(tensor: torch.Tensor) -> str | None:
+    """Why ``tensor`` cannot go through the batched path (None when it can)."""
+    if tensor.is_meta:
+        return "meta"
+    if tensor.layout != torch.strided:
+        return "sparse"
+    if tensor.is_complex():
+        return "complex"
+    if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+        return "subclass"
+    return None
 
 
 def summarize(tensor: torch.Tensor, small_values: int = 16) -> GradientSummary:
@@ -29,8 +50,8 @@ def summarize(tensor: torch.Tensor, small_values: int = 16) -> GradientSummary:
     return summarize_many([tensor], small_values)[0]
 
 
-def summarize_many(tensors: list[torch.Tensor], small_values: int = 16) -> list[GradientSummary]:
-    """Statistics of many tensors, grouped by (device, size) so each group costs a handful of kernels.
+def summarize_many(tensors: Sequence[torch.Tensor], small_values: int = 16) -> list[GradientSummary]:
+    """Statistics of many tensors, grouped by (device, dtype class, size) so each group costs a handful of kernels.
 
     Per-tensor reductions would cost several small kernels per tensor, which dominates for
     graphs of many small ops; a group of equal-sized gradients is stacked into one matrix and
@@ -38,88 +59,172 @@ def summarize_many(tensors: list[torch.Tensor], small_values: int = 16) -> list[
     """
     results: list[GradientSummary | None] = [None] * len(tensors)
     groups: dict[tuple[torch.device, int], list[int]] = defaultdict(list)
-    for i, tensor in enumerate(tensors):
-        if tensor.numel() == 0:
-            results[i] = GradientSummary(tuple(tensor.shape), 0, float("nan"), float("nan"),
-                                         float("nan"), 0.0, 0, 0, [] if small_values else None)
-        elif tensor.numel() > STACK_LIMIT:  # big enough that memory traffic, not kernel count, is the cost
-            results[i] = PendingSummary(tensor, small_values).resolve()
-        else:
-            groups[(tensor.device, tensor.numel())].append(i)
-    for indices in groups.values():
-        rows = [_as_real(tensors[i]).reshape(-1) for i in indices]
-        dtype = torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
-        data = torch.stack([r if r.dtype == dtype else r.to(dtype) for r in rows])
-        stats = torch.stack([
-            data.sum(1),
-            data.amax(1),
-            data.amin(1),
-            torch.linalg.vector_norm(data, dim=1),
-            torch.isnan(data).sum(1).to(dtype),
-            torch.isinf(data).sum(1).to(dtype),
-        ]).cpu().tolist()
-        small = data.cpu().tolist() if data.shape[1] <= small_values else None
-        for j, i in enumerate(indices):
-            tensor = tensors[i]
-            numel = tensor.numel()
-            total, high, low, norm, nan_count, inf_count = (row[j] for row in stats)
-            values = None
-            if small is not None:
-                values = torch.tensor(small[j]).reshape(tensor.shape).tolist() if tensor.dim() else small[j][0]
-            results[i] = GradientSummary(
-                shape=tuple(tensor.shape),
-                numel=numel,
-                mean=total / numel,
-                min=low,
-                max=high,
-                norm=norm,
-                nan_count=int(nan_count),
-                inf_count=int(inf_count),
-                values=values,
-            )
+    with _no_subclass(), torch.no_grad():
+        for i, tensor in enumerate(tensors):
+            try:
+                if _special(tensor) is not None or tensor.numel() == 0 or tensor.numel() > STACK_LIMIT:
+                    results[i] = PendingSummary(tensor, small_values).resolve()
+                else:
+                    groups[(tensor.device, tensor.numel())].append(i)
+            except Exception as error:
+                results[i] = _unavailable(tensor, error)
+        for indices in groups.values():
+            try:
+                _summarize_group(tensors, indices, small_values, results)
+            except Exception:  # fall back to one at a time, so one odd tensor spoils nothing
+                for i in indices:
+                    try:
+                        results[i] = PendingSummary(tensors[i], small_values).resolve()
+                    except Exception as error:
+                        results[i] = _unavailable(tensors[i], error)
     return results  # type: ignore[return-value]
 
 
-class PendingSummary:
-    """Statistics of a gradient taken in the backward hook, read back later.
+def _unavailable(tensor: Any, error: BaseException) -> GradientSummary:
+    try:
+        shape = tuple(tensor.shape)
+    except Exception:
+        shape = ()
+    return _empty(shape, f"statistics unavailable ({type(error).__name__}: {error})")
 
-    Used past the memory budget, where the gradient itself cannot be kept. Three reductions
-    (sum, aminmax, norm), no copy of the data; NaN and Inf are counted only when those show
-    that some exist (on the CPU, where looking costs nothing), or always on other devices,
-    where looking would make the hook wait for the device.
+
+def _summarize_group(tensors, indices, small_values, results) -> None:
+    rows = [_as_real(tensors[i]).reshape(-1) for i in indices]
+    dtype = torch.float64 if any(r.dtype == torch.float64 for r in rows) else torch.float32
+    data = torch.stack([r if r.dtype == dtype else r.to(dtype) for r in rows])
+    stats = torch.stack([
+        data.sum(1),
+        data.amax(1),
+        data.amin(1),
+        torch.linalg.vector_norm(data, dim=1),
+        torch.isnan(data).sum(1).to(dtype),
+        torch.isinf(data).sum(1).to(dtype),
+    ]).cpu().tolist()
+    small = data.cpu().tolist() if data.shape[1] <= small_values else None
+    for j, i in enumerate(indices):
+        tensor = tensors[i]
+        numel = tensor.numel()
+        total, high, low, norm, nan_count, inf_count = (row[j] for row in stats)
+        values = None
+        if small is not None:
+            values = torch.tensor(small[j]).reshape(tensor.shape).tolist() if tensor.dim() else small[j][0]
+        results[i] = GradientSummary(tuple(tensor.shape), numel, total / numel, low, high, norm,
+                                     int(nan_count), int(inf_count), values)
+
+
+def _as_real(tensor: torch.Tensor) -> torch.Tensor:
+    tensor = tensor.detach()
+    if tensor.dtype not in (torch.float64, torch.float32):
+        tensor = tensor.float()
+    return tensor
+
+
+def norms_of(gradients: Sequence[Any]) -> list[Any]:
+    """The norm of each gradient (a tensor or a PendingSummary), as a 0-dim tensor or a float; NaN
+    where there is no data (meta). Dense real tensors share one multi-tensor kernel."""
+    out: list[Any] = [float("nan")] * len(gradients)
+    dense: list[int] = []
+    with _no_subclass(), torch.no_grad():
+        for i, grad in enumerate(gradients):
+            try:
+                if isinstance(grad, PendingSummary):
+                    out[i] = grad.norm
+                elif _special(grad) is None and grad.is_floating_point():
+                    dense.append(i)
+                else:
+                    out[i] = PendingSummary(grad, 0).norm
+            except Exception:
+                continue
+        if dense:
+            try:
+                for i, norm in zip(dense, torch._foreach_norm([gradients[i] for i in dense])):
+                    out[i] = norm
+            except Exception:
+                for i in dense:
+                    out[i] = torch.linalg.vector_norm(gradients[i])
+    return out
+
+
+class PendingSummary:
+    """Statistics of one gradient taken now, read back later (possibly without a device sync now).
+
+    Used past the memory budget, where the gradient itself cannot be kept, and for any tensor
+    the batched path cannot take. Three reductions (sum, aminmax, norm), no copy of the data;
+    NaN and Inf are counted only when those show some exist (on the CPU, where looking costs
+    nothing), or always on other devices, where looking would make the hook wait for the device.
     """
 
-    __slots__ = ("shape", "dtype", "numel", "stats", "values")
+    __slots__ = ("shape", "dtype", "numel", "stats", "values", "note")
 
     def __init__(self, tensor: torch.Tensor, small_values: int = 16) -> None:
-        data = _as_real(tensor)  # reductions need no reshape (which would copy a strided gradient)
+        with _no_subclass(), torch.no_grad():
+            self._take(tensor, small_values)
+
+    def _take(self, tensor: torch.Tensor, small_values: int) -> None:
         self.shape = tuple(tensor.shape)
         self.dtype = tensor.dtype
-        self.numel = data.numel()
-        self.values = data.reshape(-1).clone() if self.numel <= small_values else None
+        self.numel = tensor.numel()
+        self.values = None
+        self.note = None
+        self.stats: Any = None
+        kind = _special(tensor)
+        if kind == "meta":
+            self.note = "meta tensor: shape only, no data"
+            return
+        if kind == "subclass":
+            tensor = tensor.as_subclass(torch.Tensor)
+        tensor = tensor.detach()
+        stored = tensor
+        if kind == "sparse":
+            stored = tensor.coalesce().values() if tensor.layout == torch.sparse_coo else tensor.values()
+            self.note = f"sparse: {stored.numel():,} stored values"
         if self.numel == 0:
-            self.stats = None
+            return
+        if self.numel <= small_values:
+            dense = tensor.to_dense() if kind == "sparse" else tensor
+            self.values = dense.reshape(-1).clone()
+        if tensor.is_complex():
+            self.note = COMPLEX_NOTE
+            magnitude = stored.abs()
+            norm = torch.linalg.vector_norm(stored)
+            data = magnitude
+        else:
+            data = stored if stored.dtype in (torch.float64, torch.float32) else stored.float()
+            norm = torch.linalg.vector_norm(data)
+        if data.numel() == 0:  # a sparse tensor storing nothing: all zeros
+            self.stats = [0.0, 0.0, 0.0, 0.0]
             return
         low, high = torch.aminmax(data)
-        total, norm = data.sum(), torch.linalg.vector_norm(data)
+        total = data.sum()
+        if kind == "sparse" and stored.numel() < self.numel:  # the implicit zeros count too
+            zero = torch.zeros((), dtype=low.dtype, device=low.device)
+            low, high = torch.minimum(low, zero), torch.maximum(high, zero)
         if data.device.type == "cpu":  # reading a CPU number back costs nothing: keep plain floats
             stats = [total.item(), low.item(), high.item(), norm.item()]
             if not all(math.isfinite(v) for v in stats):
                 stats += [float(torch.isnan(data).sum()), float(torch.isinf(data).sum())]
             self.stats = stats
-        else:  # no device sync in the hook: count NaN/Inf always, read everything back later
-            self.stats = torch.stack([total, low, high, norm, torch.isnan(data).sum().to(total.dtype),
+        else:  # no device sync now: count NaN/Inf always, read everything back later
+            self.stats = torch.stack([total, low, high, norm.to(total.dtype), torch.isnan(data).sum().to(total.dtype),
                                       torch.isinf(data).sum().to(total.dtype)])
 
-    def resolve(self) -> GradientSummary:
+    @property
+    def norm(self) -> Any:
         if self.stats is None:
-            return GradientSummary(self.shape, 0, float("nan"), float("nan"), float("nan"), 0.0, 0, 0,
-                                   [] if self.values is not None else None)
-        stats = self.stats if isinstance(self.stats, list) else self.stats.tolist()
-        total, low, high, norm = stats[:4]
-        nan_count, inf_count = (int(stats[4]), int(stats[5])) if len(stats) > 4 else (0, 0)
+            return 0.0 if self.numel == 0 else float("nan")
+        return self.stats[3]
+
+    def resolve(self) -> GradientSummary:
         values = None
         if self.values is not None:
             values = self.values.reshape(self.shape).tolist() if self.shape else self.values.tolist()[0]
+        if self.stats is None:
+            if self.numel == 0:
+                return GradientSummary(self.shape, 0, float("nan"), float("nan"), float("nan"), 0.0, 0, 0,
+                                       values if values is not None else [], self.note)
+            return _empty(self.shape, self.note)
+        stats = self.stats if isinstance(self.stats, list) else self.stats.tolist()
+        total, low, high, norm = stats[:4]
+        nan_count, inf_count = (int(stats[4]), int(stats[5])) if len(stats) > 4 else (0, 0)
         return GradientSummary(self.shape, self.numel, total / self.numel, low, high, norm,
-                               nan_count, inf_count, values)
+                               nan_count, inf_count, values, self.note)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ..errors import OptionError
-from .build import build, summarize_gradients
+from .build import CHANGED_IN_PLACE, build, remember_log, summarize_gradients
 from .checks import TraceChecks
 from .model import MissingGradient, PassInfo, TraceNode
-from .naming import Labeler
+from .naming import Labeler, snapshot
 from .recorder import Recorder
 
 SAVE_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".txt": "text"}
+
+
+def _EMPTY_DATA() -> dict[str, Any]:  # noqa: N802 - a constructor of the empty trace's data
+    return dict(nodes=[], grad_tensors={}, grad_versions={}, summaries={}, pass_values={}, missing=[], passes=[],
+                grad_history={}, op_count=0, modules={}, module_calls={}, notes=[])
 
 
 class Trace(TraceChecks):
@@ -40,15 +45,10 @@ class Trace(TraceChecks):
         self.memory_budget = memory_budget
         self.small_values = small_values
         self.cell = cell
-        self._nodes: list[TraceNode] = []
-        self._stats_done = True
-        self.missing: list[MissingGradient] = []
-        self.passes: list[PassInfo] = []
-        self.grad_history: dict[str, list[tuple[int, float]]] = {}
-        self.op_count = 0
-        self.modules: dict[str, str] = {}  # module path -> class name, for every module in the graph
         self.error: str | None = None
-        self._grad_tensors: dict[int, torch.Tensor] = {}
+        self._data: dict[str, Any] | None = None  # what build() made; None until first read
+        self._pending: tuple | None = None  # (recorder, namespace snapshot, labeler, extra roots) until then
+        self._stats_done = False
         self._recorder: Recorder | None = None
         self._svg: str | None = None
         self._view = None  # the View for the current settings, computed once per display
@@ -58,17 +58,16 @@ class Trace(TraceChecks):
         return Recorder(memory_budget=self.memory_budget, small_values=self.small_values)
 
     def fill(self, recorder: Recorder, namespace: Mapping[str, Any] | None, labeler: Labeler | None = None,
-             extra_roots: list[torch.Tensor] = ()) -> Trace:
-        """Take over what ``recorder`` saw (it is released afterwards)."""
-        data = build(recorder, namespace, labeler, extra_roots)
-        self._nodes = data["nodes"]
+             extra_roots: Sequence[Any] = ()) -> Trace:
+        """Take over what ``recorder`` saw; the trace is built when first read (the recorder is then released).
+
+        The namespace's tensors and modules are noted now, so names are those of the moment the
+        traced code ended.
+        """
+        remember_log(recorder.log)
+        self._pending = (recorder, snapshot(namespace), labeler, list(extra_roots))
+        self._data = None
         self._stats_done = False
-        self._grad_tensors = data["grad_tensors"]
-        self.missing = data["missing"]
-        self.passes = data["passes"]
-        self.grad_history = data["grad_history"]
-        self.op_count = data["op_count"]
-        self.modules = data["modules"]
         self._svg = None
         self._view = None
         return self
@@ -89,14 +88,60 @@ class Trace(TraceChecks):
             self.error = f"{exc_type.__name__}: {exc}"
         self.fill(recorder, namespace)
 
+    def _built(self) -> dict[str, Any]:
+        if self._data is None:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                self._data = _EMPTY_DATA()
+            else:
+                recorder, namespace, labeler, extra_roots = pending
+                self._data = build(recorder, namespace, labeler, extra_roots)
+        return self._data
+
     # -- data -----------------------------------------------------------------------------
     @property
     def nodes(self) -> list[TraceNode]:
         """Every tensor of the graph, inputs first, with gradient statistics (computed on first use)."""
+        data = self._built()
         if not self._stats_done:
             self._stats_done = True
-            summarize_gradients(self._nodes, self._grad_tensors, self.small_values)
-        return self._nodes
+            summarize_gradients(data["nodes"], data["grad_tensors"], data["summaries"], self.small_values)
+        return data["nodes"]
+
+    @property
+    def missing(self) -> list[MissingGradient]:
+        """Leaves that require grad but got no gradient in the graph shown, each with why."""
+        return self._built()["missing"]
+
+    @property
+    def passes(self) -> list[PassInfo]:
+        """Every backward call the code made, in order (``pass.kept``: whether its graph is shown)."""
+        return self._built()["passes"]
+
+    @property
+    def grad_history(self) -> dict[str, list[tuple[int, float]]]:
+        """Each leaf's gradient norm per backward pass: name -> [(pass index, norm)], taken when the
+        pass ended (before clipping or zeroing)."""
+        return self._built()["grad_history"]
+
+    @property
+    def op_count(self) -> int:
+        return self._built()["op_count"]
+
+    @property
+    def modules(self) -> dict[str, str]:
+        """Module path -> class name, for every module in the graph (and their parents)."""
+        return self._built()["modules"]
+
+    @property
+    def module_calls(self) -> dict[str, int]:
+        """Module path -> how many of its calls the graph shows (a GAN's discriminator: 3)."""
+        return self._built()["module_calls"]
+
+    @property
+    def notes(self) -> list[str]:
+        """What the trace left out or recorded another way, and why, one line each."""
+        return self._built()["notes"]
 
     @property
     def names(self) -> list[str]:
@@ -105,23 +150,51 @@ class Trace(TraceChecks):
 
     def node(self, name: str) -> TraceNode:
         """The tensor labelled ``name``; a name rebound several times means its last binding."""
-        matches = [n for n in self.nodes if n.name == name or name in n.names]
+        nodes = self.nodes
+        matches = [n for n in nodes if n.name == name or name in n.names]
         if not matches:
-            matches = [n for n in self.nodes if n.name is not None and n.name.split(" (")[0] == name]
+            matches = [n for n in nodes if n.name is not None and n.name.split(" (")[0] == name]
         if not matches:
             known = ", ".join(self.names) or "none"
             raise KeyError(f"no tensor named {name!r} in this trace; known names: {known}")
         return matches[-1]
 
-    def grad(self, name: str) -> torch.Tensor | None:
-        """The gradient that flowed into the tensor named ``name`` (None if none reached it).
+    def grad(self, name: str, pass_index: int | None = None) -> torch.Tensor | None:
+        """The gradient that flowed into the tensor named ``name`` in the last pass that reached it
+        (None if none did); ``pass_index`` (0-based, as in ``t.passes``) asks for one pass.
 
-        Raises KeyError for unknown names, and LookupError when the gradient was over the
-        memory budget and only its statistics were kept (``t.node(name).grad``).
+        For a leaf it is what that pass contributed, before any clipping; ``t.node(name).leaf_grad``
+        describes ``.grad`` itself where it differs. Raises KeyError for unknown names, and
+        LookupError where the value was not kept (over the memory budget, or a pass whose graph a
+        later pass from the same line replaced: ``t.grad_history`` has its norm).
         """
         node = self.node(name)
-        if node.id in self._grad_tensors:
-            return self._grad_tensors[node.id]
+        data = self._built()
+        if pass_index is not None and pass_index != node.grad_pass:
+            if not -len(self.passes) <= pass_index < len(self.passes):
+                raise LookupError(f"no pass {pass_index}: the code made {len(self.passes)} backward passes")
+            pass_index %= len(self.passes)
+            value = data["pass_values"].get(node.id, {}).get(pass_index)
+            if value is None:
+                info = self.passes[pass_index]
+                why = "its graph was replaced by a later pass from the same line" if not info.kept else \
+                    "that pass did not reach it"
+                raise LookupError(f"no gradient of {name!r} kept for pass {pass_index} ({why}); "
+                                  "t.grad_history has each leaf's norm per pass")
+            if not isinstance(value, torch.Tensor):
+                raise LookupError(f"the gradient of {name!r} in pass {pass_index} was over the memory budget; "
+                                  "only its statistics were kept")
+            return value
+        tensor = data["grad_tensors"].get(node.id)
+        if tensor is not None:
+            version = data["grad_versions"].get(node.id)
+            if version is not None and tensor._version != version:
+                raise LookupError(f"the gradient of {name!r} is shared with its .grad, which was changed in place "
+                                  f"since the trace was taken; t.node({name!r}).grad has the statistics of the pass")
+            return tensor
+        if node.missing_reason == CHANGED_IN_PLACE:
+            raise LookupError(f"the gradient of {name!r} was shared with its .grad, which was changed in place "
+                              "before the trace was read; t.grad_history has its norm per pass")
         if node.grad is not None:
             raise LookupError(
                 f"the gradient of {name!r} was over the memory budget; only its statistics were kept "
@@ -135,7 +208,11 @@ class Trace(TraceChecks):
 
     @property
     def structure_changed(self) -> bool:
-        return len({p.signature for p in self.passes}) > 1
+        """Whether passes from one line of code saw graphs of different shapes."""
+        by_line: dict[Any, set[int]] = {}
+        for info in self.passes:
+            by_line.setdefault((info.location, info.entry), set()).add(info.signature)
+        return any(len(signatures) > 1 for signatures in by_line.values())
 
     # -- views --------------------------------------------------------------------------
     def title(self) -> str:

@@ -1,0 +1,273 @@
+"""The forward side of a recording: which torch call, module call and line of code made each autograd node.
+
+Nothing is written onto the graph while it is built. A lean TorchFunctionMode notes the range of
+autograd sequence numbers each torch call created, global module hooks note where each module
+call begins and ends, and the user's line is noted when it changes. A node is attributed
+afterwards by its sequence number (``node._sequence_nr()``), so recording costs a few list appends
+per op and keeps no node alive. Sequence numbers count per thread, so hooks that fire in other
+threads are ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import threading
+from bisect import bisect_right
+from typing import Any
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+sequence_nr = torch._C._autograd._get_sequence_nr  # the number the next autograd node will get
+_peek_transform = torch._C._functorch.peek_interpreter_stack  # not None inside torch.func transforms
+_is_compiling = torch.compiler.is_compiling
+_no_subclass = torch._C.DisableTorchFunctionSubclass
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_OWN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+_internal_code: dict[Any, bool] = {}
+
+Location = tuple[str, int]
+MAX_CUTS = 64  # detach / no_grad cut points remembered per recording (for "cut by .detach() at ...")
+CUT_OPS = frozenset({"detach", "detach_", "data"})
+_NO_LEAF_OPS = frozenset({"detach", "detach_", "data", "grad"})
+
+
+def _is_internal(code: Any) -> bool:
+    internal = _internal_code.get(code)
+    if internal is None:
+        internal = _internal_code[code] = code.co_filename.startswith((_TORCH_DIR, _OWN_DIR))
+    return internal
+
+
+def user_frame(depth: int = 1) -> Any:
+    """The nearest frame outside torch and torchmagic (a frame walk: well under a microsecond a frame)."""
+    frame = sys._getframe(depth + 1)
+    while frame is not None and _is_internal(frame.f_code):
+        frame = frame.f_back
+    return frame
+
+
+def user_location(depth: int = 1) -> Location | None:
+    """(filename, line) of the nearest frame outside torch and torchmagic."""
+    frame = user_frame(depth + 1)
+    return None if frame is None else (frame.f_code.co_filename, frame.f_lineno)
+
+
+@functools.lru_cache(maxsize=4096)
+def op_name(func: Any) -> str:
+    """A short op name for a torch callable: ``mul``, ``linear``, ``T`` for ``Tensor.T``."""
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name == "__get__":  # a property read such as t.T or t.data
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    if name.startswith("__") and name.endswith("__"):
+        name = name[2:-2]
+    return name
+
+
+_INPLACE_DUNDERS = frozenset({"__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__",
+                              "__ipow__", "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__",
+                              "__setitem__", "__set__"})
+
+
+@functools.lru_cache(maxsize=4096)
+def writes_in_place(func: Any) -> bool:
+    """Whether a torch callable changes a tensor argument in place (``mul_``, ``_foreach_mul_``, ``+=``)."""
+    name = getattr(func, "__name__", "") or ""
+    if name in _INPLACE_DUNDERS:
+        return True
+    return name.endswith("_") and not name.endswith("__")
+
+
+class LeafInfo:
+    """A leaf tensor that requires grad, seen while recording: what made it, where, what cut it off."""
+
+    __slots__ = ("tensor", "op", "location", "names", "detached", "no_grad")
+
+    def __init__(self, tensor: torch.Tensor, op: str | None, location: Location | None) -> None:
+        self.tensor = tensor
+        self.op = op
+        self.location = location
+        self.names: list[tuple[str, Location | None]] = []
+        self.detached: Location | None = None  # where .detach() was applied to it
+        self.no_grad: Location | None = None  # where it was used under torch.no_grad()
+
+
+class Cut:
+    """A tensor with a graph whose gradient path was cut: ``.detach()``, ``.data``, or use under no_grad."""
+
+    __slots__ = ("node", "how", "location")
+
+    def __init__(self, node: Any, how: str, location: Location | None) -> None:
+        self.node = node
+        self.how = how
+        self.location = location
+
+
+class ForwardLog:
+    """Flat lists of what the forward side saw, in sequence-number order; read by the trace's build."""
+
+    __slots__ = ("thread", "first_seq", "end_seq", "op_start", "op_end", "op_func", "line_seq", "line_code",
+                 "line_no", "module_seq", "module_event", "bindings")
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+        self.first_seq = sequence_nr()
+        self.end_seq: int | None = None
+        self.op_start: list[int] = []
+        self.op_end: list[int] = []
+        self.op_func: list[Any] = []
+        self.line_seq: list[int] = []
+        self.line_code: list[Any] = []
+        self.line_no: list[int] = []
+        self.module_seq: list[int] = []
+        self.module_event: list[Any] = []  # the module entered, or None where the innermost one returned
+        self.bindings: dict[int, list[tuple[int, str, Location | None]]] = {}  # node seq -> (output, name, line)
+
+    def close(self) -> None:
+        if self.end_seq is None:
+            self.end_seq = sequence_nr()
+
+    def made_here(self, seq: int) -> bool:
+        end = self.end_seq if self.end_seq is not None else sequence_nr()
+        return self.first_seq <= seq < end
+
+    # -- attribution, at build time ------------------------------------------------------
+    def op_at(self, seq: int) -> tuple[Any, bool] | None:
+        """The torch call that created node ``seq``, and whether the node was the last it created."""
+        k = bisect_right(self.op_start, seq) - 1
+        if k >= 0 and seq < self.op_end[k]:
+            return self.op_func[k], seq == self.op_end[k] - 1
+        return None
+
+    def location_at(self, seq: int) -> Location | None:
+        k = bisect_right(self.line_seq, seq) - 1
+        if k < 0:
+            return None
+        return self.line_code[k].co_filename, self.line_no[k]
+
+    def module_calls(self) -> tuple[list[int], list[tuple[tuple[Any, int], ...]]]:
+        """Segment starts and, for each segment, the stack of (module, call index) open in it.
+
+        A call index counts the module's calls within this log (0-based), so a module called three
+        times gives three distinct calls.
+        """
+        starts: list[int] = []
+        stacks: list[tuple[tuple[Any, int], ...]] = []
+        stack: list[tuple[Any, int]] = []
+        counts: dict[int, int] = {}
+        for seq, module in zip(self.module_seq, self.module_event):
+            if module is None:
+                if stack:
+                    stack.pop()
+            else:
+                index = counts.get(id(module), 0)
+                counts[id(module)] = index + 1
+                stack.append((module, index))
+            if starts and starts[-1] == seq:
+                stacks[-1] = tuple(stack)
+            else:
+                starts.append(seq)
+                stacks.append(tuple(stack))
+        return starts, stacks
+
+
+class RecordingMode(TorchFunctionMode):
+    """Notes, for every torch call that creates autograd nodes, their sequence-number range and line.
+
+    Inside torch.func transforms and while torch.compile traces, calls pass through untouched:
+    Dynamo would otherwise trace this mode's bookkeeping into the compiled graph.
+    """
+
+    def __init__(self, recorder: Any) -> None:
+        super().__init__()
+        self.recorder = recorder
+        log = recorder.log
+        self._op_start = log.op_start.append
+        self._op_end = log.op_end.append
+        self._op_func = log.op_func.append
+        self._log = log
+        self._last_code: Any = None
+        self._last_line = -1
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if _is_compiling() or _peek_transform() is not None:
+            self.recorder.note_untraced(func)
+            return func(*args, **kwargs) if kwargs else func(*args)
+        recorder = self.recorder
+        if recorder.shared_grads and writes_in_place(func):
+            recorder.before_in_place(args, kwargs)
+        start = sequence_nr()
+        out = func(*args, **kwargs) if kwargs else func(*args)
+        end = sequence_nr()
+        if end != start:
+            frame = sys._getframe(1)
+            code = frame.f_code
+            if code is not self._last_code or frame.f_lineno != self._last_line:
+                self._mark_line(frame, start)
+            self._op_start(start)
+            self._op_end(end)
+            self._op_func(func)
+        else:
+            recorder.no_node(func, out, args)
+        return out
+
+    def _mark_line(self, frame: Any, seq: int) -> None:
+        """Note the user's line where it changed. The calling frame is remembered for a fast
+        check on the next op only when it is the user's own (else the walk runs each time)."""
+        caller_code, caller_line = frame.f_code, frame.f_lineno
+        while frame is not None and _is_internal(frame.f_code):
+            frame = frame.f_back
+        if _is_internal(caller_code):
+            self._last_code = None
+        else:
+            self._last_code, self._last_line = caller_code, caller_line
+        if frame is None:
+            return
+        log = self._log
+        code, line = frame.f_code, frame.f_lineno
+        if log.line_code and log.line_code[-1] is code and log.line_no[-1] == line:
+            return
+        log.line_seq.append(seq)
+        log.line_code.append(code)
+        log.line_no.append(line)
+
+
+def find_mode_on_stack(mode: TorchFunctionMode) -> int | None:
+    """The position of ``mode`` on this thread's torch function mode stack (0 is the bottom)."""
+    for i in range(torch._C._len_torch_function_stack()):
+        if torch._C._get_function_stack_at(i) is mode:
+            return i
+    return None
+
+
+def remove_mode(mode: TorchFunctionMode) -> bool:
+    """Take ``mode`` off the stack by identity, leaving modes above it (a user's, left open) in place."""
+    position = find_mode_on_stack(mode)
+    if position is None:
+        return False
+    from torch.overrides import _pop_mode, _push_mode
+
+    above = []
+    while torch._C._len_torch_function_stack() - 1 > position:
+        above.append(_pop_mode())
+    popped = _pop_mode()
+    for other in reversed(above):
+        _push_mode(other)
+    if popped is not mode:  # cannot happen; put it back rather than lose a user's mode
+        _push_mode(popped)
+        return False
+    return True
+
+
+def tensor_class(value: Any) -> bool:
+    """Whether ``value`` is a tensor, without touching ``value.__class__`` (which user objects may override)."""
+    return issubclass(type(value), torch.Tensor)
+
+
+def grad_fn_of(tensor: torch.Tensor) -> Any:
+    """``tensor.grad_fn`` without going through a subclass's ``__torch_function__``."""
+    with _no_subclass():
+        return tensor.grad_fn
