@@ -93,10 +93,9 @@ def test_fixture_found_detached_layer_and_nan_reported_healthy_versions_pass(pyt
     assert ">       t.assert_finite()" in out and "def assert_finite" not in out
 
 
-@pytest.mark.xfail(reason="needs recorder v2 detach location", strict=True, raises=AssertionError)
 def test_detached_layer_message_names_the_detach_and_its_line(pytester: pytest.Pytester):
     out = run_user_tests(pytester).stdout.str()
-    assert "E         model.0.weight (16, 4): no gradient: cut by .detach()" in out
+    assert "E         model.0.weight (16, 4): no gradient: cut off by .detach()" in out
     assert "E             In [2], line 3: h = h.detach()" in out  # the setup cell is In [1]
 
 

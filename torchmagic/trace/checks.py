@@ -12,10 +12,11 @@ import torch
 
 from .model import GradientSummary, MissingGradient, PassInfo, TraceNode, format_values
 
-# Why a parameter is in neither the graph nor the trace's list of leaves without a gradient.
+# Why a parameter is in neither the graph nor the trace's list of leaves without a gradient (which
+# names those a .detach() or no_grad cut off).
 NOT_IN_GRAPH = "not in the graph that backward went through"
-NOT_IN_GRAPH_HINT = ("never used in the traced code, or cut off before the loss where the trace could not see it "
-                     "(a .detach() of an intermediate, .item(), torch.tensor(...))")
+NOT_IN_GRAPH_HINT = ("never used in the traced code, or what it computed left autograd without a trace of it "
+                     "(.item(), .numpy(), torch.tensor(...))")
 
 # Operations that pass no gradient where their input was cut off (x <= 0 for relu).
 _GATES = {
@@ -271,7 +272,7 @@ class TraceChecks:
         The trace names parameters by where they sit in the namespace's modules; the module
         object does not know that path, so it is found by parameter names and shapes. Two
         modules alike (``a`` and ``b``, both ``Linear(4, 4)``) are told apart by their .grad:
-        a parameter whose .grad is the gradient the trace kept is the one in the trace, and
+        a parameter whose .grad equals the gradient the trace kept is the one in the trace, and
         one with no .grad at all is not the one that got a gradient.
         """
         params = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
@@ -336,7 +337,7 @@ class TraceChecks:
 
     def _grad_evidence(self, prefix: str, params: list[tuple[str, torch.Tensor]],
                        entries: dict[str, _Checked]) -> int:
-        """+1 if these parameters' .grad are the trace's gradients under ``prefix``, -1 if they cannot be, else 0."""
+        """+1 if these parameters' .grad equal the trace's gradients under ``prefix``, -1 if they cannot be, else 0."""
         found = 0
         for pname, param in params:
             checked = entries.get(f"{prefix}.{pname}" if prefix else pname)
@@ -345,7 +346,7 @@ class TraceChecks:
                 continue
             if param.grad is None:
                 return -1  # that parameter got a gradient in the trace; this one has none
-            if self._kept_grad(node.label) is param.grad:
+            if _same_values(self._kept_grad(node.label), param.grad):
                 found = 1
         return found
 
@@ -362,7 +363,7 @@ class TraceChecks:
         shape = tuple(tensor.shape)
         if tensor.grad is not None:
             for checked in _unique(self._leaf_entries().values()):
-                if checked.node is not None and self._kept_grad(checked.node.label) is tensor.grad:
+                if checked.node is not None and _same_values(self._kept_grad(checked.node.label), tensor.grad):
                     return _Group(checked.name, [checked])
             raise ValueError(f"this tensor {_shape(shape)} has a .grad, but not one from this trace; "
                              "pass its name instead (t.names lists them)")
@@ -609,6 +610,20 @@ def _counts(grad: GradientSummary) -> str:
 
 def _all_zero(grad: GradientSummary) -> bool:
     return grad.finite and grad.min == 0 and grad.max == 0
+
+
+def _same_values(kept: torch.Tensor | None, grad: torch.Tensor) -> bool:
+    """Whether the gradient a trace kept is this .grad: the same tensor, or one equal to it."""
+    if kept is None:
+        return False
+    if kept is grad:
+        return True
+    if kept.shape != grad.shape or kept.dtype != grad.dtype or kept.device != grad.device or kept.is_meta:
+        return False
+    try:
+        return bool(torch.isclose(kept, grad, rtol=0, atol=0, equal_nan=True).all())
+    except (RuntimeError, TypeError):  # dtypes isclose does not take (bool, sparse)
+        return bool(torch.equal(kept, grad))
 
 
 def _flatten(values: Any) -> list[float]:
