@@ -11,6 +11,7 @@ import torch
 
 from ..errors import OptionError
 from .build import CHANGED_IN_PLACE, build, remember_log, summarize_gradients
+from .checks import TraceChecks
 from .model import MissingGradient, PassInfo, TraceNode
 from .naming import Labeler, snapshot
 from .recorder import Recorder
@@ -23,7 +24,7 @@ def _EMPTY_DATA() -> dict[str, Any]:  # noqa: N802 - a constructor of the empty 
                 grad_history={}, op_count=0, modules={}, module_calls={}, notes=[])
 
 
-class Trace:
+class Trace(TraceChecks):
     """The autograd graph some code built, with the gradients that flowed through it.
 
     As a context manager it records the code in its block and is filled in on exit::
