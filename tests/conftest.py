@@ -16,6 +16,9 @@ def _torch_state():
         len(nn_module._global_forward_pre_hooks),
         len(nn_module._global_forward_hooks),
         torch.is_grad_enabled(),
+        torch.autograd.graph._engine_run_backward,  # the recorder's engine wrapper is gone
+        torch.autograd._engine_run_backward,
+        torch.autograd.function.Function.__dict__["apply"],  # and so is its apply wrapper
     )
 
 

@@ -334,3 +334,44 @@ def test_the_engine_wrapper_and_mode_are_gone_after_a_failing_block():
     assert torch.autograd.graph._engine_run_backward is original is torch.autograd._engine_run_backward
     assert torch._C._len_torch_function_stack() == 0
     assert t.error == "ValueError: boom" and torch.equal(t.grad("x"), torch.full((2,), 2.0))
+
+
+class Clamp(torch.autograd.Function):
+    """A straight-through clamp: forward clamps, backward passes the gradient through."""
+
+    @staticmethod
+    def forward(ctx, a):
+        return a.clamp(-1, 1)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g
+
+
+def test_a_custom_function_is_named_and_placed_on_the_line_that_applied_it():
+    with torchmagic.trace() as t:
+        x = torch.linspace(-2, 2, 5, requires_grad=True)
+        y = Clamp.apply(x * 3)
+        out = y.sum()
+        out.backward()
+    node = t.node("y")
+    assert node.op == "Clamp" and node.source.text == "y = Clamp.apply(x * 3)"
+    assert torch.equal(t.grad("x"), torch.full((5,), 3.0))
+    assert torch.autograd.Function.apply.__func__ is torch.autograd.function.Function.__dict__["apply"].__func__
+
+
+def test_torch_compile_of_a_custom_function_gives_the_same_value_traced():
+    def f(x):
+        return Clamp.apply(x * 2).sin()
+
+    x = torch.randn(6, requires_grad=True)
+    plain = f(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager")
+    with torchmagic.trace():
+        out = compiled(x)
+        out.sum().backward()
+    assert torch.allclose(out, plain)
+    expected = torch.autograd.grad(f(x).sum(), x)[0]
+    assert torch.allclose(x.grad, expected)
+    torch._dynamo.reset()

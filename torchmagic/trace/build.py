@@ -87,6 +87,25 @@ class _Attribution:
         return self.stacks[k] if k >= 0 else ()
 
 
+class _Recomputed:
+    """The attribution of a node made during backward (reentrant checkpoint's recomputation): its
+    module calls are known, but the lines and torch calls noted then are not its own."""
+
+    def __init__(self, attribution: _Attribution) -> None:
+        self.log = _NoOps()
+        self.calls_at = attribution.calls_at
+
+
+class _NoOps:
+    @staticmethod
+    def op_at(seq: int) -> None:
+        return None
+
+    @staticmethod
+    def location_at(seq: int) -> None:
+        return None
+
+
 class Builder:
     """One build: a sequence of named steps over the recorder's passes and forward log."""
 
@@ -261,7 +280,9 @@ class Builder:
             is_leaf = type(node) is ACCUMULATE_GRAD
             outputs = set(used.get(node, ()))
             seq = seqs.get(node)
-            attribution = self._attribution(seq) if seq is not None and node not in recomputed else None
+            attribution = self._attribution(seq) if seq is not None else None
+            if node in recomputed:  # made during backward: module calls are known, ops and lines are not
+                attribution = _Recomputed(attribution) if attribution is not None else None
             if not is_leaf:
                 outputs.update(named_outputs.get(node, ()))
             edges_in = list(nexts[node])
@@ -272,6 +293,8 @@ class Builder:
                       if edge[0] is not None and alias.get(edge, edge) in ids]
             if is_leaf:
                 common = self._leaf_common(node)
+                if node in recomputed and common["fields"]["kind"] == "leaf":
+                    common["fields"]["op"] = "recomputed input"
             else:
                 common = self._op_common(node, seq, attribution, kind_name, inputs)
                 inputs = common.pop("inputs")

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 import torch.autograd as autograd_module
 import torch.autograd.graph as graph_module
+from torch.autograd.function import Function
 from torch.nn.modules import module as nn_module
 
 from . import backward as bw
@@ -30,9 +31,11 @@ from .forward import (
     Location,
     RecordingMode,
     _no_subclass,
+    _is_compiling,
     _peek_transform,
     op_name,
     remove_mode,
+    sequence_nr,
     tensor_class,
     user_location,
 )
@@ -99,6 +102,8 @@ class Recorder:
         self._module_handles: list[Any] = []
         self._original_engine: Any = None
         self._installed_engine: Any = None
+        self._original_apply: Any = None
+        self._installed_apply: Any = None
         self._closed = False
         self._distributed = False
         self._running: bw.PassRecord | None = None
@@ -132,6 +137,18 @@ class Recorder:
 
         self._module_handles = [nn_module.register_module_forward_pre_hook(enter),
                                 nn_module.register_module_forward_hook(leave, always_call=True)]
+        self._original_apply = Function.__dict__["apply"]
+        original_apply = self._original_apply.__func__
+
+        def apply(cls, *args, **kwargs):
+            # a custom Function's node takes its sequence number before its forward runs, so the
+            # line that called apply is marked here (the mode never sees apply)
+            if not _is_compiling() and get_ident() == thread:
+                log.mark_user_frame(getframe(1), sequence_nr())
+            return original_apply(cls, *args, **kwargs)
+
+        self._installed_apply = classmethod(apply)
+        Function.apply = self._installed_apply
         self._original_engine = graph_module._engine_run_backward
         self._installed_engine = self._engine  # one bound method, so stop() can find it by identity
         graph_module._engine_run_backward = autograd_module._engine_run_backward = self._installed_engine
@@ -156,6 +173,9 @@ class Recorder:
                 graph_module._engine_run_backward = self._original_engine
             if installed is not None and autograd_module._engine_run_backward is installed:
                 autograd_module._engine_run_backward = self._original_engine
+            apply, self._installed_apply = self._installed_apply, None
+            if apply is not None and Function.__dict__.get("apply") is apply:
+                Function.apply = self._original_apply
             self._closed = True  # a wrapper someone wrapped in turn stays installed, passing calls through
             if mode is not None:
                 self.log.close()
