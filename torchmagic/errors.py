@@ -19,3 +19,8 @@ class OptionError(TorchMagicError):
 
 class LayoutTimeout(TorchMagicError):
     """Graphviz took longer than allowed to lay out a diagram; it was stopped."""
+
+
+class NonFiniteGradient(RuntimeError):
+    """A backward pass computed a NaN or Inf gradient, and the trace was asked to stop there
+    (``--stop-on-nan``). The message says where it first appeared and what fed it."""

@@ -369,3 +369,43 @@ def _stealable(grad: torch.Tensor, leaf: torch.Tensor) -> bool:
                 and (grad.is_contiguous() or grad.is_contiguous(memory_format=torch.channels_last)))
     except Exception:  # meta, nested or subclass tensors: let AccumulateGrad decide
         return False
+
+
+def all_finite(record: PassRecord) -> bool:
+    """Whether every gradient the pass kept is finite: one multi-tensor norm and one read back (a
+    norm is NaN or Inf where any element is); a norm that overflowed is checked element-wise."""
+    dense, summaries = [], []
+    for _, value in record.items():
+        if isinstance(value, torch.Tensor):
+            if value.layout == torch.strided and not value.is_meta and (value.is_floating_point() or value.is_complex()):
+                dense.append(value)
+        else:
+            summaries.append(value)
+    for part in record.inner:
+        for _, value in part.items():
+            if isinstance(value, torch.Tensor) and value.layout == torch.strided and value.is_floating_point():
+                dense.append(value)
+    for summary in summaries:
+        norm = summary.norm
+        if isinstance(norm, torch.Tensor):
+            norm = norm.item()
+        if not math.isfinite(norm) and summary.numel:
+            return False
+    if not dense:
+        return True
+    with torch._C.DisableTorchFunctionSubclass(), torch.no_grad():
+        by_device: dict[Any, list[torch.Tensor]] = {}
+        for tensor in dense:
+            by_device.setdefault((tensor.device, tensor.is_complex()), []).append(tensor)
+        for tensors in by_device.values():
+            try:
+                norms = torch.stack([n.float() for n in torch._foreach_norm(tensors)])
+            except Exception:  # a dtype or layout the multi-tensor kernel does not take
+                norms = torch.stack([torch.linalg.vector_norm(t).float() for t in tensors])
+            finite = torch.isfinite(norms)
+            if bool(finite.all()):
+                continue
+            for tensor, ok in zip(tensors, finite.tolist()):
+                if not ok and not bool(torch.isfinite(tensor).all()):
+                    return False
+    return True

@@ -523,6 +523,19 @@ class TraceChecks:
                 lines.append(_NONFINITE_HINTS[consumer.op])
         return lines
 
+    def describe_nonfinite(self) -> list[str]:
+        """Lines saying where the first NaN/Inf gradient appeared, the backward that made it and what
+        fed it (``--stop-on-nan`` stops with these); one line when every gradient is finite."""
+        origin = next((n for n in self.nodes if n.nonfinite_origin), None)
+        if origin is None:
+            origin = next((n for n in self.nodes if n.grad is not None and not n.grad.finite), None)
+        if origin is None:
+            return ["every gradient the trace keeps is finite"]
+        story = self._origin_story(origin)
+        shape = f" {_shape(origin.shape)}" if origin.shape is not None else ""
+        where = f" ({origin.source})" if origin.source is not None else ""
+        return [f"{origin.label}{shape}{where}: {story[0]}", *story[1:]]
+
     # -- the message ------------------------------------------------------------------------------
     def _message(self, header: str, failures: list[_Failure], notes: Iterable[str] = ()) -> str:
         lines = [header]

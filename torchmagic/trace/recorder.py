@@ -96,6 +96,10 @@ class Recorder:
         self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
         self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
         self.untraced: dict[str, str] = {}  # what ran untouched, and why (shown by the trace)
+        self.listeners: list[Any] = []  # called after each backward pass: listener(recorder, record, outputs)
+        self.stop_on_nonfinite = False  # raise NonFiniteGradient after a pass that computed a NaN/Inf gradient
+        self.namespace_source: Any = None  # () -> the names in use, for describing a stop mid-recording
+        self.labeler: Any = None  # filename -> "In [5]", for the same
         self.op_count = 0
         self._thread = threading.get_ident()
         self._mode: RecordingMode | None = None
@@ -352,13 +356,45 @@ class Recorder:
         self._running = record
         try:
             if strategy == "hooks":
-                return self._hooked_pass(call, record, walk)
-            return self._captured_pass(call, record, walk, roots)
+                result = self._hooked_pass(call, record, walk)
+            else:
+                result = self._captured_pass(call, record, walk, roots)
         except BaseException as error:
             record.failed = f"{type(error).__name__}: {error}"
             raise
         finally:
             self._running = None
+        self._after_pass(record, call.outputs)
+        return result
+
+    def _after_pass(self, record: bw.PassRecord, outputs: tuple) -> None:
+        """Tell the listeners (a live view); with ``stop_on_nonfinite``, raise at a NaN/Inf gradient."""
+        for listener in list(self.listeners):
+            listener(self, record, outputs)
+        if self.stop_on_nonfinite and not bw.all_finite(record):
+            from ..errors import NonFiniteGradient
+
+            raise NonFiniteGradient(self.describe_nonfinite(record))
+
+    def describe_nonfinite(self, record: bw.PassRecord) -> str:
+        """Where the first NaN/Inf gradient of ``record`` appeared, from a trace of what ran so far
+        (built without disturbing this recording)."""
+        from .trace import Trace
+
+        where = f" ({self._line_text(record.location)})" if record.location else ""
+        header = f"backward pass {record.index + 1}{where} computed a NaN/Inf gradient (stopped by --stop-on-nan)"
+        try:
+            trace = Trace.snapshot(self, self.namespace_source() if self.namespace_source else None,
+                                   self.labeler)
+            lines = trace.describe_nonfinite()
+        except Exception as error:  # the stop must happen even if describing it fails
+            lines = [f"(could not describe where: {type(error).__name__}: {error})"]
+        return "\n".join([header, *("  " + line for line in lines)])
+
+    def _line_text(self, location: Location) -> str:
+        from .naming import source_line
+
+        return str(source_line(location, self.labeler))
 
     def _strategy(self, call: bw.EngineCall, walk: bw.Walk) -> tuple[str, str]:
         if walk.has_kind(bw.REENTRANT_CHECKPOINT):

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from ..errors import OptionError
-from .build import CHANGED_IN_PLACE, build, remember_log, summarize_gradients
+from .build import CHANGED_IN_PLACE, Builder, build, remember_log, summarize_gradients
 from .checks import TraceChecks
 from .model import MissingGradient, PassInfo, TraceNode
 from .naming import Labeler, snapshot
@@ -36,8 +36,10 @@ class Trace(TraceChecks):
     """
 
     def __init__(self, *, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16,
-                 cell: str = "", depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True) -> None:
+                 cell: str = "", depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True,
+                 stop_on_nan: bool = False) -> None:
         self.max_nodes = max_nodes
+        self.stop_on_nan = stop_on_nan
         self.layout_timeout = 10.0  # seconds a big diagram's layout may take before it is stopped
         self.depth = depth  # None: the deepest module level that keeps the diagram readable
         self.expand = tuple(expand)
@@ -55,7 +57,9 @@ class Trace(TraceChecks):
 
     # -- recording ----------------------------------------------------------------------
     def recorder(self) -> Recorder:
-        return Recorder(memory_budget=self.memory_budget, small_values=self.small_values)
+        recorder = Recorder(memory_budget=self.memory_budget, small_values=self.small_values)
+        recorder.stop_on_nonfinite = self.stop_on_nan
+        return recorder
 
     def fill(self, recorder: Recorder, namespace: Mapping[str, Any] | None, labeler: Labeler | None = None,
              extra_roots: Sequence[Any] = ()) -> Trace:
@@ -73,13 +77,22 @@ class Trace(TraceChecks):
         return self
 
     def __enter__(self) -> Trace:
-        self._recorder = self.recorder()
-        self._recorder.start()
+        recorder = self._recorder = self.recorder()
+        frame = sys._getframe(1)
+
+        def names() -> dict[str, Any]:  # the block's names, for describing a stop mid-block
+            found = snapshot(frame.f_globals)
+            found.update(snapshot(frame.f_locals))
+            return found
+
+        recorder.namespace_source = names
+        recorder.start()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         recorder, self._recorder = self._recorder, None
         recorder.stop()
+        recorder.namespace_source = None  # it holds the block's frame
         caller = sys._getframe(1)
         names = snapshot(caller.f_globals)
         if caller.f_locals is not caller.f_globals:
@@ -88,6 +101,16 @@ class Trace(TraceChecks):
         if exc is not None:
             self.error = f"{exc_type.__name__}: {exc}"
         self.fill(recorder, names)
+
+    @classmethod
+    def snapshot(cls, recorder: Recorder, namespace: Mapping[str, Any] | None, labeler: Labeler | None = None) -> Trace:
+        """A trace of what ``recorder`` has seen so far, built without disturbing the recording
+        (``--stop-on-nan`` describes the pass it stops at from one)."""
+        trace = cls(memory_budget=recorder.memory_budget, small_values=recorder.small_values)
+        with torch._C.DisableTorchFunction():  # our own reads must not be recorded as the user's ops
+            trace._data = Builder(recorder, snapshot(namespace), labeler, ()).run()
+            trace.nodes  # noqa: B018 - statistics now, while torch functions are left alone
+        return trace
 
     def _built(self) -> dict[str, Any]:
         if self._data is None:
