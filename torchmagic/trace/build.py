@@ -8,6 +8,7 @@ its gradient is the one the latest pass that reached it computed.
 
 from __future__ import annotations
 
+import functools
 from bisect import bisect_right
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
@@ -71,8 +72,14 @@ def node_op_name(node: Any) -> str:
 _ARGUMENT_ORDER = {("linear", "AddmmBackward0"): (1, 2, 0)}
 
 
+@functools.lru_cache(maxsize=64)
 def _dtype_name(dtype: torch.dtype | None) -> str | None:
     return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+@functools.lru_cache(maxsize=64)
+def _device_name(device: torch.device | None) -> str | None:
+    return None if device is None else str(device)
 
 
 class _Attribution:
@@ -250,74 +257,65 @@ class Builder:
         return inner_nodes - outer
 
     def make_nodes(self, order, nexts, alias, roots, gradients, seqs, edge_names, recomputed):
-        set(roots)
+        """One TraceNode per tensor: each output of each node that something used, named or returned."""
+        inputs_of: dict[Any, list[tuple[Any, int]]] = {}  # node -> its input edges, plumbing resolved
         used: dict[Any, set[int]] = {}
         for node in order:
-            for edge in nexts[node]:
+            real = [alias.get(edge, edge) if edge[0] is not None else edge for edge in nexts[node]]
+            inputs_of[node] = real
+            for edge in real:
                 if edge[0] is not None:
-                    real = alias.get(edge, edge)
-                    used.setdefault(real[0], set()).add(real[1])
-        consumed = {alias.get(edge, edge) for node in order for edge in nexts[node] if edge[0] is not None}
+                    used.setdefault(edge[0], set()).add(edge[1])
+        consumed = {edge for real in inputs_of.values() for edge in real if edge[0] is not None}
         for node, index in roots:
             used.setdefault(node, set()).add(index)
         outputs_set = {edge for edge in roots if edge not in consumed}
-        named_outputs: dict[Any, set[int]] = {}
         for node, output_nr in edge_names:
-            named_outputs.setdefault(node, set()).add(output_nr)
+            used.setdefault(node, set()).add(output_nr)
         nodes: list[TraceNode] = []
         ids: dict[tuple[Any, int], int] = {}
-        grad_tensors: dict[int, torch.Tensor] = {}
-        grad_versions: dict[int, int] = {}
-        summaries: dict[int, PendingSummary] = {}
-        pass_values: dict[int, dict[int, Any]] = {}
-        in_graph: set[int] = set()
-        calls: dict[int, tuple] = {}
+        data = dict(grad_tensors={}, grad_versions={}, summaries={}, pass_values={}, in_graph=set(), calls={})
         has_passes = bool(self.recorder.passes)
         for op_id, node in enumerate(order):
             kind_name = type(node).__name__
             if kind_name in PASS_THROUGH:
                 continue
             is_leaf = type(node) is ACCUMULATE_GRAD
-            outputs = set(used.get(node, ()))
             seq = seqs.get(node)
-            attribution = self._attribution(seq) if seq is not None else None
-            if node in recomputed:  # made during backward: module calls are known, ops and lines are not
-                attribution = _Recomputed(attribution) if attribution is not None else None
-            if not is_leaf:
-                outputs.update(named_outputs.get(node, ()))
-            edges_in = list(nexts[node])
-            order = _ARGUMENT_ORDER.get((self._op_of(node, seq, attribution), kind_name)) if not is_leaf else None
-            if order is not None and len(edges_in) == len(order):
-                edges_in = [edges_in[i] for i in order]  # the call's argument order, before dropping edges
-            inputs = [ids[alias.get(edge, edge)] for edge in edges_in
-                      if edge[0] is not None and alias.get(edge, edge) in ids]
             if is_leaf:
                 common = self._leaf_common(node)
                 if node in recomputed and common["fields"]["kind"] == "leaf":
                     common["fields"]["op"] = "recomputed input"
+                edges_in = ()
             else:
-                common = self._op_common(node, seq, attribution, kind_name, inputs)
-                inputs = common.pop("inputs")
-            for output_nr in sorted(outputs) or [0]:
+                attribution = self._attribution(seq) if seq is not None else None
+                if node in recomputed:  # made during backward: module calls are known, ops and lines are not
+                    attribution = _Recomputed(attribution) if attribution is not None else None
+                common = self._op_common(node, seq, attribution)
+                edges_in = inputs_of[node]
+                order_of_arguments = _ARGUMENT_ORDER.get((common["op"], kind_name))
+                if order_of_arguments is not None and len(edges_in) == len(order_of_arguments):
+                    edges_in = [edges_in[i] for i in order_of_arguments]  # the call's argument order
+            inputs = tuple(ids[edge] for edge in edges_in if edge[0] is not None and edge in ids)
+            for output_nr in sorted(used.get(node, ())) or [0]:
                 edge = (node, output_nr)
                 trace_id = len(nodes)
                 ids[edge] = trace_id
-                bindings = edge_names.get(edge, [])
                 if is_leaf:
-                    trace_node = TraceNode(id=trace_id, op_id=op_id, output_nr=output_nr, inputs=tuple(inputs),
+                    trace_node = TraceNode(id=trace_id, op_id=op_id, output_nr=output_nr, inputs=inputs,
                                            is_output=edge in outputs_set, **common["fields"],
                                            source=self._line(common["location"]))
-                    in_graph.add(id(node.variable))
+                    data["in_graph"].add(id(node.variable))
                 else:
-                    trace_node = self._op_node(trace_id, op_id, edge, inputs, common, bindings, edge in outputs_set)
-                    calls[trace_id] = common["calls"]
+                    trace_node = self._op_node(trace_id, op_id, edge, inputs, common, edge_names.get(edge, ()),
+                                               edge in outputs_set)
+                    data["calls"][trace_id] = common["calls"]
                     trace_node.grad_seq = -seq if seq is not None else None
-                self._attach_gradient(trace_node, edge, gradients, grad_tensors, grad_versions, summaries, pass_values)
+                self._attach_gradient(trace_node, edge, gradients, data)
                 if is_leaf:
                     self._leaf_state(trace_node, node.variable, has_passes)
                 nodes.append(trace_node)
-        return nodes, dict(grad_tensors=grad_tensors, grad_versions=grad_versions, summaries=summaries,
-                           pass_values=pass_values, in_graph=in_graph, calls=calls)
+        return nodes, data
 
     # -- one node -----------------------------------------------------------------------
     def _attribution(self, seq: int) -> _Attribution | None:
@@ -349,8 +347,7 @@ class Builder:
         found = attribution.log.op_at(seq)
         return op_name(found[0]) if found is not None and found[1] else None
 
-    def _op_common(self, node: Any, seq: int | None, attribution: _Attribution | None, kind_name: str,
-                   inputs: list[int]) -> dict[str, Any]:
+    def _op_common(self, node: Any, seq: int | None, attribution: Any) -> dict[str, Any]:
         op, location, calls = self._op_of(node, seq, attribution), None, ()
         if attribution is not None:
             location = attribution.log.location_at(seq)
@@ -361,7 +358,7 @@ class Builder:
             metadata = node._input_metadata
         except Exception:
             metadata = ()
-        return {"op": op, "location": location, "calls": calls, "metadata": metadata, "inputs": inputs,
+        return {"op": op, "location": location, "calls": calls, "metadata": metadata,
                 "seen_forward": attribution is not None}
 
     def _op_node(self, trace_id, op_id, edge, inputs, common, bindings, is_output) -> TraceNode:
@@ -376,7 +373,7 @@ class Builder:
         trace_node = TraceNode(
             id=trace_id, kind="op", op=common["op"], op_id=op_id, output_nr=output_nr,
             name=all_names[0] if all_names else None, names=all_names, shape=shape, dtype=_dtype_name(dtype),
-            device=None if device is None else str(device), inputs=tuple(inputs), source=self._line(location),
+            device=_device_name(device), inputs=inputs, source=self._line(location),
             module=None, is_output=is_output, seen_forward=common["seen_forward"],
         )
         return trace_node
@@ -387,26 +384,26 @@ class Builder:
         line = self.lines[location] = source_line(location, self.labeler)
         return line
 
-    def _attach_gradient(self, trace_node, edge, gradients, grad_tensors, grad_versions, summaries, pass_values):
+    def _attach_gradient(self, trace_node: TraceNode, edge: tuple[Any, int], gradients: dict, data: dict) -> None:
         found = gradients.get(edge)
         if not found:
             return
         if len(found) > 1:
-            pass_values[trace_node.id] = {index: value for index, value, _ in found}
+            data["pass_values"][trace_node.id] = {index: value for index, value, _ in found}
         index, value, part = found[-1]
         trace_node.grad_pass = index
         if isinstance(value, PendingSummary):
-            summaries[trace_node.id] = value
+            data["summaries"][trace_node.id] = value
             return
         version = part.versions.get(edge)
         if version is not None and value._version != version:
             trace_node.missing_reason = CHANGED_IN_PLACE
             trace_node.grad_pass = None
             return
-        grad_tensors[trace_node.id] = value
+        data["grad_tensors"][trace_node.id] = value
         trace_node.grad_kept = True
         if version is not None:
-            grad_versions[trace_node.id] = version
+            data["grad_versions"][trace_node.id] = version
         if trace_node.shape is None:
             trace_node.shape, trace_node.dtype = tuple(value.shape), _dtype_name(value.dtype)
 

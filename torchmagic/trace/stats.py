@@ -59,15 +59,30 @@ def summarize_many(tensors: Sequence[torch.Tensor], small_values: int = 16) -> l
     """
     results: list[GradientSummary | None] = [None] * len(tensors)
     groups: dict[tuple[torch.device, int], list[int]] = defaultdict(list)
+    big: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     with _no_subclass(), torch.no_grad():
         for i, tensor in enumerate(tensors):
             try:
-                if _special(tensor) is not None or tensor.numel() == 0 or tensor.numel() > STACK_LIMIT:
+                if _special(tensor) is not None or tensor.numel() == 0:
                     results[i] = PendingSummary(tensor, small_values).resolve()
+                elif tensor.numel() > STACK_LIMIT:
+                    if tensor.dtype in (torch.float32, torch.float64) and tensor.numel() > small_values:
+                        big[(tensor.device, tensor.dtype)].append(i)
+                    else:
+                        results[i] = PendingSummary(tensor, small_values).resolve()
                 else:
                     groups[(tensor.device, tensor.numel())].append(i)
             except Exception as error:
                 results[i] = _unavailable(tensor, error)
+        for indices in big.values():
+            try:
+                _summarize_big(tensors, indices, results)
+            except Exception:  # fall back to one at a time, so one odd tensor spoils nothing
+                for i in indices:
+                    try:
+                        results[i] = PendingSummary(tensors[i], small_values).resolve()
+                    except Exception as error:
+                        results[i] = _unavailable(tensors[i], error)
         for indices in groups.values():
             try:
                 _summarize_group(tensors, indices, small_values, results)
@@ -110,6 +125,25 @@ def _summarize_group(tensors, indices, small_values, results) -> None:
             values = torch.tensor(small[j]).reshape(tensor.shape).tolist() if tensor.dim() else small[j][0]
         results[i] = GradientSummary(tuple(tensor.shape), numel, total / numel, low, high, norm,
                                      int(nan_count), int(inf_count), values)
+
+
+def _summarize_big(tensors, indices, results) -> None:
+    """Big dense real tensors of one device and dtype: no copies; norms and maxima in one multi-tensor call
+    each, sums and minima one kernel a tensor, and a single read-back for all of them."""
+    group = [tensors[i] for i in indices]  # one device and dtype
+    norms = torch._foreach_norm(group)
+    highs = torch._foreach_max(group)
+    lows = [t.amin() for t in group]
+    totals = [t.sum() for t in group]
+    stats = torch.stack([torch.stack(column) for column in (totals, lows, highs, norms)]).cpu().tolist()
+    for j, i in enumerate(indices):
+        tensor = group[j]
+        total, low, high, norm = (column[j] for column in stats)
+        nan_count = inf_count = 0
+        if not (math.isfinite(total) and math.isfinite(low) and math.isfinite(high) and math.isfinite(norm)):
+            nan_count, inf_count = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        numel = tensor.numel()
+        results[i] = GradientSummary(tuple(tensor.shape), numel, total / numel, low, high, norm, nan_count, inf_count)
 
 
 def _as_real(tensor: torch.Tensor) -> torch.Tensor:
