@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -159,6 +160,7 @@ def speed(smoke: bool, repeat: int) -> None:
 
     plain, tr = paired(training_loop, traced(training_loop), max(3, repeat // 3), warmup=1)
     row(f"traced / plain, MLP training loop of {steps} steps in one cell", f"{tr / plain:.2f}x", "per pass as MLP")
+    live_rows(training_loop, steps, max(3, repeat // 3))
 
     # diagrams: ours (statistics + view + layout + SVG) next to torchviz make_dot + the same renderer
     chain = 50 if smoke else 500
@@ -185,6 +187,37 @@ def speed(smoke: bool, repeat: int) -> None:
     viz = torchviz_seconds(loss, dict(model.named_parameters()))
     row("  torchviz make_dot + the same in-process renderer, same graph (every node)",
         "not installed" if viz is None else f"{viz:.3f} s", "reported")
+
+
+def live_rows(training_loop, steps: int, repeat: int) -> None:
+    """What --live and --stop-on-nan add to a traced training loop, and detect_anomaly next to them."""
+    from torchmagic.trace.live import LiveView
+
+    def with_live():
+        with torchmagic.trace() as t:
+            view = LiveView(t._recorder, lambda v: (v.text(), v.html()), interval=0.25)
+            training_loop()
+            view.refresh()
+        return view
+
+    traced_loop = traced(training_loop)
+    base, live = paired(traced_loop, with_live, repeat, warmup=1)
+    row(f"--live (refresh every 0.25 s) / traced, the {steps}-step loop", f"{live / base:.3f}x", "target <= 1.02x")
+
+    def stop_on_nan():
+        with torchmagic.trace(stop_on_nan=True):
+            training_loop()
+
+    def anomaly():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Anomaly Detection has been enabled", every time
+            with torch.autograd.detect_anomaly(check_nan=True):
+                training_loop()
+
+    plain, ours = paired(training_loop, stop_on_nan, repeat, warmup=1)
+    row(f"--stop-on-nan (traced) / plain, the {steps}-step loop", f"{ours / plain:.2f}x", "cheaper than anomaly")
+    plain, theirs = paired(training_loop, anomaly, repeat, warmup=1)
+    row("  torch.autograd.detect_anomaly / plain, the same loop", f"{theirs / plain:.2f}x", "reported")
 
 
 def conversion(smoke: bool, repeat: int) -> None:
