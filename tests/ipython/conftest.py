@@ -35,6 +35,16 @@ class Shell:
     def ns(self) -> dict:
         return self.ip.user_ns
 
+    @property
+    def session(self):
+        """The extension's session (None when it is not loaded)."""
+        return getattr(self.ip, "_torchmagic_session", None)
+
+    def topic(self, kind: type):
+        """The loaded Magics instance of one topic (TraceMagics, TensorMagics, DeviceMagics)."""
+        (magics,) = [m for m in self.session.magics if isinstance(m, kind)]
+        return magics
+
 
 @pytest.fixture
 def shell():
