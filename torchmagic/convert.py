@@ -219,9 +219,21 @@ def _convert_list(value: list, name: str, options: ConversionOptions) -> Convers
         if why_not is None and torch_error is not None:
             why_not = _torch_refusal(torch_error)
         return Conversion(name, "list", shape, None, note=why_not or "torch cannot convert it")
+    if options.dtype is None and tensor.dtype in (torch.float32, torch.complex64) and _overflowed(tensor, value):
+        return Conversion(name, "list", tuple(tensor.shape), None,
+                          note=f"values beyond {_dtype_str(tensor.dtype)}'s range would become inf "
+                               f"(--dtype {'float64' if tensor.dtype == torch.float32 else 'complex128'} keeps them)")
     shape = tuple(tensor.shape)
     tensor, note = _finish(tensor, options)
     return Conversion(name, "list", shape, None, tensor=tensor, note=note)
+
+
+def _overflowed(tensor: torch.Tensor, value: list) -> bool:
+    """Python floats are 64-bit: one past float32's range becomes inf (checked only when an inf shows up)."""
+    if not torch.isinf(tensor).any():
+        return False
+    wide = torch.tensor(value, dtype=torch.float64 if tensor.dtype == torch.float32 else torch.complex128)
+    return not torch.equal(torch.isinf(wide), torch.isinf(tensor))
 
 
 def _torch_refusal(error: Exception) -> str:
@@ -314,12 +326,11 @@ def _convert_array(array: np.ndarray, name: str, options: ConversionOptions, sou
     target_device = _device(options)
     if target_device.type != "cpu":
         reasons.append(f"device {target_device} is not the CPU")
-    if reasons:
-        data = np.ascontiguousarray(data)
+    if reasons:  # a C-contiguous, native-order copy of its own (np.ascontiguousarray would make 0-d arrays 1-d)
         if not data.dtype.isnative:
-            data = data.astype(data.dtype.newbyteorder("="))
-        if np.may_share_memory(data, array):
-            data = data.copy()
+            data = data.astype(data.dtype.newbyteorder("="), order="C")
+        elif np.may_share_memory(data, array) or not data.flags.c_contiguous:
+            data = np.array(data, order="C", copy=True)
     base = torch.from_numpy(data)
     tensor = base
     if options.dtype is not None and options.dtype != tensor.dtype:
