@@ -2,12 +2,13 @@
 
 Leaks checked after every case, beyond the autouse fixture of tests/conftest.py: IPython's
 event callbacks and AST transformers are exactly the extension's own (and none after
-unload), no `on` mode is left on, no display is pending, and the tensors a case created are
-collectable once the namespace is reset.
+unload), no `on` mode is left on, no display is pending, and every tensor the namespace holds
+is collectable once it is reset.
 """
 
 from __future__ import annotations
 
+import atexit
 import gc
 import sys
 import weakref
@@ -91,16 +92,22 @@ class Hostile:
             assert len(ours) == 1, f"{event}: {self.ip.events.callbacks[event]}"
 
     def assert_collectable(self, *names: str) -> None:
-        """After %reset, nothing of ours (traces, reports, recordings, binders) keeps these tensors alive."""
+        """After a reset, nothing of ours (traces, reports, recordings, binders, frames) keeps these tensors alive.
+
+        Without names: every tensor bound in the namespace.
+        """
+        names = names or tuple(n for n, v in self.ns.items() if issubclass(type(v), torch.Tensor) and n[:1] != "_")
         refs = {name: weakref.ref(self.ns[name]) for name in names}
-        self.run("%reset -f")
-        # IPython keeps the last exception (and with it its frames); that is IPython's, not ours
+        self.run("get_ipython().reset(new_session=False)")  # what %reset -f does, less its slow gc.collect()
+        # IPython keeps the last exception for %debug, and with it the frames it passed through (torch's too)
+        self.ip.InteractiveTB.tb = None
         for attribute in ("last_type", "last_value", "last_traceback", "last_exc"):
             if hasattr(sys, attribute):
                 delattr(sys, attribute)
-        gc.collect()
+        if any(ref() is not None for ref in refs.values()):
+            gc.collect()  # only reference cycles are left to the collector
         alive = [name for name, ref in refs.items() if ref() is not None]
-        assert alive == [], f"still alive after %reset: {alive}"
+        assert alive == [], f"still alive after a reset: {alive}"
 
 
 @pytest.fixture
@@ -114,17 +121,22 @@ def hostile(capsys):
     before = ipython_state(ip)
     ip.run_cell("%load_ext torchmagic")
     shell = Hostile(ip, capsys)
+    reset = False
     try:
         yield shell
         if shell.session is not None:
             for line in ("%autograd_trace off", "%tensor off"):
                 ip.run_cell(line)
             shell.assert_clean()
+            shell.assert_collectable()
+            reset = True
     finally:
         ip.run_cell("%unload_ext torchmagic")
         torchmagic._history.clear()
         torchmagic._last_conversion = None
         after = ipython_state(ip)
-        ip.reset()
+        if not reset:
+            ip.reset()
         InteractiveShell.clear_instance()
+        atexit.unregister(ip.atexit_operations)  # each shell would reset itself again at exit (seconds, for nothing)
     assert after == before, "IPython hooks leaked after unload"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass, field
 
 import pytest
@@ -61,3 +62,4 @@ def shell():
         ip.run_cell("%unload_ext torchmagic")
         ip.reset()
         InteractiveShell.clear_instance()
+        atexit.unregister(ip.atexit_operations)  # each shell would reset itself again at exit (seconds, for nothing)
