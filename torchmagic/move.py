@@ -112,20 +112,26 @@ def move_namespace(namespace: MutableMapping[str, Any], device: torch.device | s
     values = [(name, value) for name, value in list(namespace.items())
               if not name.startswith("_") and name not in ("In", "Out")]
     plan = _Plan(device, namespace)
-    # modules first (their parameters are not bare tensors), optimizers last (they follow both)
-    for kind, step in ((torch.nn.Module, _plan_module), (torch.Tensor, _plan_tensor),
-                       (torch.optim.Optimizer, _plan_optimizer)):
-        for name, value in values:
-            if issubclass(type(value), kind):  # type(), not isinstance: never runs the object's own code
-                try:
-                    step(plan, name, value)
-                except Exception as error:
-                    raise MoveError(f"{name}: {reason(error)}") from error
+    failure = None
     try:
+        # modules first (their parameters are not bare tensors), optimizers last (they follow both)
+        for kind, step in ((torch.nn.Module, _plan_module), (torch.Tensor, _plan_tensor),
+                           (torch.optim.Optimizer, _plan_optimizer)):
+            for name, value in values:
+                if issubclass(type(value), kind):  # type(), not isinstance: never runs the object's own code
+                    try:
+                        step(plan, name, value)
+                    except Exception as error:
+                        failure = f"{name}: {reason(error)}"
+                        raise
         plan.commit()
+        return plan.report
     except Exception as error:
-        raise MoveError(f"{reason(error)} while swapping in the moved tensors; every swap was undone") from error
-    return plan.report
+        failure = failure or f"{reason(error)} while swapping in the moved tensors; every swap was undone"
+    # Raised here, outside the handler, with the plan dropped: the error kept by IPython for %debug
+    # must not keep alive the tensors allocated for the move (on a GPU, that is its memory).
+    values = plan = None
+    raise MoveError(failure)
 
 
 def _plan_module(plan: _Plan, name: str, module: torch.nn.Module) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 
@@ -188,3 +191,23 @@ def test_moving_to_meta_says_the_values_are_gone(hostile):
     hostile.run("%device meta --move")
     assert "meta tensors keep shapes and dtypes only" in hostile.displayed()[0]
     hostile.run("%device cpu")
+
+
+def test_a_failed_move_keeps_none_of_what_it_allocated(hostile, monkeypatch):
+    """IPython keeps the last error (for %debug): it must not keep the copies a failed move made (GPU memory)."""
+    hostile.run(MODEL + "w = torch.ones(2, requires_grad=True)")
+    real_to = torch.Tensor.to
+    copies = []
+
+    def recording_to(self, *args, **kwargs):
+        if len(copies) == 4:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        copy = real_to(self, *args, **kwargs)
+        copies.append(weakref.ref(copy))
+        return copy
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    hostile.usage_error("%device meta --move")
+    monkeypatch.undo()
+    gc.collect()
+    assert len(copies) == 4 and [ref() for ref in copies] == [None] * 4

@@ -86,6 +86,8 @@ class DeviceMagics(SessionMagics):
         try:
             return move_namespace(self.shell.user_ns, target)
         except TorchMagicError as error:
-            raise UsageError(f"%device --move: {error}; {unchanged}") from error
+            message = f"%device --move: {error}; {unchanged}"
         except KeyboardInterrupt:
-            raise UsageError(f"%device --move interrupted: {unchanged}") from None
+            message = f"%device --move interrupted: {unchanged}"
+        # outside the handlers: no chained exception keeps the tensors the move had allocated
+        raise UsageError(message)

@@ -93,6 +93,7 @@ class TensorMagics(SessionMagics):
         return self._expression(expression, options)
 
     def _cell(self, cell: str, options: ConversionOptions, quiet: bool) -> Any:
+        __tracebackhide__ = True  # noqa: F841
         body = self.session.compile_body(cell, instrument=True)
         if body is None:
             return None  # a syntax error, shown as for a plain cell; nothing ran
@@ -111,29 +112,36 @@ class TensorMagics(SessionMagics):
         print(f"%tensor conversion is {'on' if on else 'off'}")
 
     def _expression(self, expression: str, options: ConversionOptions) -> Any:
+        tensor, refusal = self._convert_expression(expression, options)
+        if refusal is not None:
+            raise UsageError(refusal)  # from this frame, which holds none of the user's data
+        return tensor
+
+    def _convert_expression(self, expression: str, options: ConversionOptions) -> tuple[Any, str | None]:
+        """(the tensor, None) or (None, why not): the expression is evaluated in the user's namespace."""
         try:
             value = eval(expression, self.shell.user_global_ns, self.shell.user_ns)
         except SyntaxError as error:
             if " --" in f" {expression}":
-                raise UsageError(f"%tensor: options go before the expression (%tensor --dtype float64 [1, 2]), "
-                                 f"not in {expression!r}") from None
-            raise UsageError(f"%tensor: not a Python expression: {error.msg}") from None
+                return None, (f"%tensor: options go before the expression (%tensor --dtype float64 [1, 2]), "
+                              f"not in {expression!r}")
+            return None, f"%tensor: not a Python expression: {error.msg}"
         except Exception as error:
             text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-            raise UsageError(f"%tensor: evaluating {expression!r} raised {type(error).__name__}: {text}") from None
+            return None, f"%tensor: evaluating {expression!r} raised {type(error).__name__}: {text}"
         conversion = convert(value, "<expression>", options)
         if not conversion.converted:
-            what = "the empty list" if conversion.note == "empty list" else type(value).__name__
-            note = ("an empty list has no dtype to convert (torch.tensor([]) would make a float32 tensor of shape (0,))"
-                    if conversion.note == "empty list" else conversion.note)
-            raise UsageError(f"%tensor: left {what} alone: {note}")
+            if conversion.note == "empty list":
+                return None, ("%tensor: left the empty list alone: an empty list has no dtype to convert "
+                              "(torch.tensor([]) would make a float32 tensor of shape (0,))")
+            return None, f"%tensor: left {type(value).__name__} alone: {conversion.note}"
         tensor = conversion.tensor
         if options.requires_grad and not tensor.requires_grad:
-            raise UsageError(f"%tensor --requires-grad: the value becomes a {str(tensor.dtype).removeprefix('torch.')} "
-                             "tensor, and only floating point and complex tensors can require grad "
-                             "(write floats, e.g. [1.0, 2.0], or add --dtype float32)")
+            return None, (f"%tensor --requires-grad: the value becomes a {str(tensor.dtype).removeprefix('torch.')} "
+                          "tensor, and only floating point and complex tensors can require grad "
+                          "(write floats, e.g. [1.0, 2.0], or add --dtype float32)")
         torchmagic._last_conversion = ConversionReport([conversion])
-        return tensor
+        return tensor, None
 
     # -- the `on` mode, cell by cell --------------------------------------------------------------
     def cell_started(self) -> None:
