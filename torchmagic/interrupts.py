@@ -77,10 +77,6 @@ class InterruptDeferral:
         self._watcher: threading.Thread | None = None
         self._handling = False  # the handler itself can be interrupted (starting the helper thread waits)
 
-    @property
-    def active(self) -> bool:
-        return self._active
-
     def install(self) -> bool:
         """Take over SIGINT (main thread only, and only from a Python handler); True if it did."""
         if self._active or threading.current_thread() is not threading.main_thread():
@@ -110,7 +106,6 @@ class InterruptDeferral:
         self._previous = None
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        __tracebackhide__ = True  # noqa: F841 (IPython shows the user's line as the last frame)
         if not self._active or self._handling:
             return  # a nested call: the helper thread asks again
         self._handling = True
@@ -129,7 +124,7 @@ class InterruptDeferral:
             self._pending_since = None
         finally:
             self._handling = False
-        # Ctrl-C during a trace: raised here, on the line of your code above, not inside torch or torchmagic
+        # Ctrl-C during a trace: raised here, once your code runs (the frame above), not inside torch or torchmagic
         self._previous(signum, frame)
 
     def _ask_again(self) -> None:

@@ -78,7 +78,7 @@ def test_an_interrupt_in_our_code_is_raised_in_the_users_code(deferral):
         IN_OUR_CODE()
         _user_loop(2.0)
     frames = [frame.name for frame in traceback.extract_tb(info.value.__traceback__)]
-    assert frames[-2] == "_user_loop"  # the last frame is the handler, hidden from IPython's tracebacks
+    assert frames[-2] == "_user_loop"  # the last frame is the handler raising it
 
 
 def test_our_code_that_runs_long_is_interrupted_after_the_patience(deferral):
