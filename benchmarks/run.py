@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import torchmagic
-from torchmagic.assignments import BIND_NAME, BindDispatcher, instrument
+from torchmagic.assignments import dispatch, instrument
 from torchmagic.convert import ConversionOptions, Converter, convert
 from torchmagic.render.svg import render_svg
 
@@ -234,11 +234,13 @@ def conversion(smoke: bool, repeat: int) -> None:
     cell = "\n".join(f"v{i} = {i}" for i in range(1000))
     plain_code = compile(cell, "<cell>", "exec")
     instrumented = compile(instrument(ast.parse(cell)), "<cell>", "exec")
-    dispatcher = BindDispatcher()
-    dispatcher.binders["tensor"] = Converter(ConversionOptions())
-    dispatcher.binders["trace"] = lambda name, value: value
-    ns_plain, ns_inst = {}, {BIND_NAME: dispatcher}
-    plain, ours = paired(lambda: exec(plain_code, ns_plain), lambda: exec(instrumented, ns_inst), repeat)
+    dispatch.binders["tensor"] = Converter(ConversionOptions())
+    dispatch.binders["trace"] = lambda name, value: value
+    ns_plain, ns_inst = {}, {}
+    try:
+        plain, ours = paired(lambda: exec(plain_code, ns_plain), lambda: exec(instrumented, ns_inst), repeat)
+    finally:
+        dispatch.binders.clear()
     row("per-assignment overhead of the instrumentation", f"{(ours - plain) / 1000 * 1e6:.2f} us", "a few us")
 
     calls = 200 if smoke else 5000

@@ -6,10 +6,13 @@ No JavaScript and no network: the HTML is nbconvert's ``basic`` body in a small 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import nbformat
+from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from nbconvert import HTMLExporter
 
@@ -30,7 +33,16 @@ pre {{ background: #f6f6f6; padding: 6px; overflow-x: auto; }}
 
 def run(source: Path, out_dir: Path, timeout: int = 600) -> Path:
     notebook = nbformat.read(source, as_version=4)
-    NotebookClient(notebook, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    with tempfile.TemporaryDirectory(prefix="torchmagic-demo-") as sockets:
+        # Local sockets (IPC) where the OS has them: a TCP kernel warns that its traffic is unencrypted.
+        manager = KernelManager(kernel_name="python3")
+        if os.name == "posix":
+            manager.transport, manager.ip = "ipc", os.path.join(sockets, "kernel")
+        try:
+            NotebookClient(notebook, km=manager, timeout=timeout, resources={"metadata": {"path": str(ROOT)}}).execute()
+        finally:
+            if manager.has_kernel:  # a client given a manager leaves its kernel running
+                manager.shutdown_kernel()
     out_dir.mkdir(parents=True, exist_ok=True)
     nbformat.write(notebook, out_dir / "demo.ipynb")
     exporter = HTMLExporter(template_name="basic")

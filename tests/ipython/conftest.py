@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 from dataclasses import dataclass, field
 
 import pytest
@@ -35,6 +36,16 @@ class Shell:
     def ns(self) -> dict:
         return self.ip.user_ns
 
+    @property
+    def session(self):
+        """The extension's session (None when it is not loaded)."""
+        return getattr(self.ip, "_torchmagic_session", None)
+
+    def topic(self, kind: type):
+        """The loaded Magics instance of one topic (TraceMagics, TensorMagics, DeviceMagics)."""
+        (magics,) = [m for m in self.session.magics if isinstance(m, kind)]
+        return magics
+
 
 @pytest.fixture
 def shell():
@@ -51,3 +62,4 @@ def shell():
         ip.run_cell("%unload_ext torchmagic")
         ip.reset()
         InteractiveShell.clear_instance()
+        atexit.unregister(ip.atexit_operations)  # each shell would reset itself again at exit (seconds, for nothing)

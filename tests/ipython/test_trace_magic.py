@@ -7,6 +7,7 @@ import torch
 from IPython.core.error import UsageError
 
 import torchmagic
+from torchmagic.magics.trace import TraceMagics
 
 SEED = """%%autograd_trace
 import torch
@@ -131,7 +132,7 @@ def test_bad_input_is_one_usage_line_and_changes_nothing(shell, capsys, line, me
     out = capsys.readouterr()
     text = out.out + out.err
     assert message in text and "Traceback" not in text
-    assert shell.ip._torchmagic_magics.trace_on is None
+    assert shell.topic(TraceMagics).on_view is None
 
 
 def test_usage_lists_every_option(shell):
@@ -142,11 +143,11 @@ def test_usage_lists_every_option(shell):
 
 def test_config_traits(shell):
     shell.run("%config TorchMagic.max_nodes = 3")
-    assert shell.ip._torchmagic_magics.max_nodes == 3
-    shell.run("%config TorchMagic.max_nodes = 0")  # %config logs the validation error
-    assert shell.ip._torchmagic_magics.max_nodes == 3
+    assert shell.session.options.max_nodes == 3
+    shell.run("%config TorchMagic.max_nodes = 0")  # refused on one line: the option keeps its value
+    assert shell.session.options.max_nodes == 3
     shell.run("%config TorchMagic")
-    help_text = shell.ip._torchmagic_magics.class_get_help()
+    help_text = shell.session.options.class_get_help()
     for option in ("max_nodes", "small_values", "memory_budget", "history_size", "default_device"):
         assert f"TorchMagic.{option}" in help_text
 
@@ -155,11 +156,11 @@ def test_reload_leaves_one_copy_of_each_callback_and_unload_removes_all(shell):
     shell.run("%reload_ext torchmagic")
     shell.run("%reload_ext torchmagic")
     callbacks = shell.ip.events.callbacks["post_run_cell"]
-    assert len([c for c in callbacks if getattr(c, "__self__", None).__class__.__name__ == "TorchMagic"]) == 1
+    assert len([c for c in callbacks if getattr(c, "__self__", None).__class__.__name__ == "Session"]) == 1
     shell.run("%autograd_trace on")
     shell.run("%unload_ext torchmagic")
     assert "__torchmagic_bind__" not in shell.ip.user_ns
-    assert not any(getattr(c, "__self__", None).__class__.__name__ == "TorchMagic"
+    assert not any(getattr(c, "__self__", None).__class__.__name__ == "Session"
                    for c in shell.ip.events.callbacks["post_run_cell"])
     assert shell.ip.find_line_magic("autograd_trace") is None
     assert not [t for t in shell.ip.ast_transformers if type(t).__name__ == "AssignmentInstrumenter"]

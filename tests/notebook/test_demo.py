@@ -14,10 +14,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 pytestmark = pytest.mark.notebook
 
 
-def test_demo_runs_and_keeps_its_diagrams(tmp_path):
+def test_demo_runs_and_keeps_its_diagrams(tmp_path, capfd):
     from run_demo import run
 
     html_path = run(ROOT / "demo.ipynb", tmp_path)
+    assert "without encryption" not in capfd.readouterr().err  # `make demo` is a new user's first command
     notebook = nbformat.read(tmp_path / "demo.ipynb", as_version=4)
     errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert errors == []

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import sys
+import time
 
 import pytest
 
@@ -75,3 +77,55 @@ def test_error_in_a_traced_cell_points_at_the_users_line(ipython):
     # The session goes on: the next cell runs and sees no leftover mode.
     after = run(ipython, ["import torch; print('modes', torch._C._len_torch_function_stack())"], 3)
     assert "modes 0" in after
+
+
+TRAINING_LOOP = ["for step in range(10**9):", "    x = torch.randn(4, 8)", "    loss = model(x).pow(2).mean()",
+                 "    opt.zero_grad()", "    loss.backward()", "    opt.step()"]
+BROKEN = ("Exception ignored", "Unexpected exception formatting", "escaped interact", "Error in callback",
+          "mode stack", "During handling of the above exception")
+
+
+def interrupt(child, lines: list[str], after: float) -> str:
+    """Type a long-running cell, press Ctrl-C after ``after`` seconds; return what it printed.
+
+    A swallowed interrupt lets the loop run on: the prompt then never comes back and expect times out.
+    """
+    for line in lines:
+        child.sendline(line)
+    child.sendline("")
+    if lines[0].startswith("%%"):
+        child.sendline("")
+    time.sleep(after)
+    child.sendintr()
+    child.expect(r"In \[\d+\]: ", timeout=45)
+    return child.before.replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("mode", ["on", "cell"])
+def test_ctrl_c_in_a_traced_training_loop_stops_it_cleanly_every_time(ipython, mode):
+    """Real SIGINTs at varied moments: each stops the loop at the user's line, and nothing is left behind."""
+    run(ipython, ["%load_ext torchmagic"], 1)
+    ipython.sendline("import torch; torch.manual_seed(0); model = torch.nn.Sequential(torch.nn.Linear(8, 16), "
+                     "torch.nn.ReLU(), torch.nn.Linear(16, 1)); opt = torch.optim.SGD(model.parameters(), lr=0.01)")
+    ipython.expect(r"In \[3\]: ")
+    loop = TRAINING_LOOP
+    if mode == "on":
+        ipython.sendline("%autograd_trace on --text")
+        ipython.expect(r"In \[4\]: ")
+    else:
+        loop = ["%%autograd_trace --text", *TRAINING_LOOP]
+    delays = random.Random(12).sample([0.3 + 0.15 * i for i in range(12)], 8)
+    for delay in delays:
+        screen = interrupt(ipython, loop, delay)
+        assert "KeyboardInterrupt" in screen, screen[-2000:]
+        assert not [problem for problem in BROKEN if problem in screen], screen[-3000:]
+        traceback = screen[screen.index("KeyboardInterrupt"):]
+        assert re.search(r"Cell In\[\d+\], line \d+", traceback), traceback[:2000]  # the user's own line
+        assert "autograd trace of" in screen and "the code raised KeyboardInterrupt; showing what ran" in screen
+    ipython.sendline("%autograd_trace off")
+    ipython.expect(r"In \[\d+\]: ")
+    ipython.sendline("from torch.nn.modules import module as m; import signal; print('left', "
+                     "torch._C._len_torch_function_stack(), len(m._global_forward_hooks), "
+                     "len(m._global_forward_pre_hooks), signal.getsignal(signal.SIGINT).__name__)")
+    ipython.expect(r"In \[\d+\]: ")
+    assert "left 0 0 0 default_int_handler" in ipython.before

@@ -71,8 +71,9 @@ def test_list_dtypes_follow_torch():
         (["a", "b"], "list of strings"),
         ([1, None], "list contains None"),
         ([torch.ones(1)], "list of tensors (use torch.stack)"),
-        (np.array(["a"]), "<U1 arrays are left alone (not numeric)"),
-        (np.array([object()], dtype=object), "object arrays are left alone (not numeric)"),
+        (np.array(["a"]), "<U1 arrays are left alone (strings)"),
+        (np.array([object()], dtype=object),
+         "object arrays are left alone (Python objects, not numbers (arr.astype(float) converts them))"),
         ((1, 2), "tuples are left alone (usually shapes)"),
         ({"a": 1}, "not a list or ndarray"),
     ],
@@ -88,9 +89,93 @@ def test_near_misses_exclude_empty_lists_and_tuples():
     assert not is_near_miss(convert((1, 2)))
 
 
-def test_overflowing_list_is_left_alone_with_torchs_reason():
-    c = convert([2**63])
-    assert not c.converted and "Overflow" in c.note
+@pytest.mark.parametrize("value", [[2**63], [2**64 - 1, 2**63, 5], [-(2**63) - 1], [2**70]])
+def test_integers_outside_int64_are_left_alone_never_wrapped(value):
+    c = convert(value)
+    assert not c.converted and c.note.startswith("integers outside int64's range")
+    rounded = convert(value, options=ConversionOptions(dtype=torch.float64))
+    assert rounded.tensor.tolist() == [float(v) for v in value]
+
+
+def test_self_referential_and_very_deep_lists_are_refused_quickly():
+    rec = []
+    rec.append(rec)
+    assert convert(rec).note == "contains itself (a self-referential list)"
+    inner = [[1, 2], None]
+    inner[1] = inner  # off the first path: torch refuses, the explanation must still end
+    assert convert(inner).note == "contains itself (a self-referential list)"
+    deep = 1
+    for _ in range(200):
+        deep = [deep]
+    assert convert(deep).note == "nested more than 128 levels deep (torch's limit)"
+    ok = 1
+    for _ in range(128):
+        ok = [ok]
+    assert convert(ok).tensor.dim() == 128
+
+
+def test_a_shared_sublist_is_not_a_cycle():
+    row = [1, 2]
+    c = convert([row, row])
+    assert c.tensor.tolist() == [[1, 2], [1, 2]]
+    ragged = [[1], [[1]]]
+    assert convert(ragged).note.startswith("ragged list")
+
+
+@pytest.mark.parametrize("dtype, values, expected", [
+    (np.uint16, [0, 65535], torch.int32),
+    (np.uint32, [0, 2**32 - 1], torch.int64),
+    (np.uint64, [0, 2**63 - 1], torch.int64),
+])
+def test_unsigned_arrays_widen_exactly(dtype, values, expected):
+    c = convert(np.array(values, dtype=dtype))
+    assert c.tensor.dtype == expected and c.tensor.tolist() == values
+    assert "(exact)" in c.copy_reason or "(every value fits)" in c.copy_reason
+
+
+def test_uint64_beyond_int64_is_left_alone():
+    array = np.array([2**64 - 1, 2**63, 5], dtype=np.uint64)
+    c = convert(array)
+    assert not c.converted and "above int64's maximum" in c.note
+    floats = convert(array, options=ConversionOptions(dtype=torch.float64))
+    assert floats.tensor.tolist() == [float(2**64 - 1), float(2**63), 5.0]
+
+
+def test_long_double_converts_when_float64_holds_it_exactly():
+    exact = convert(np.array([1.5, -2.25], dtype=np.longdouble))
+    assert exact.tensor.dtype == torch.float64 and exact.tensor.tolist() == [1.5, -2.25]
+    complex_exact = convert(np.array([1 + 2j], dtype=np.clongdouble))
+    assert complex_exact.tensor.dtype == torch.complex128
+    if np.finfo(np.longdouble).eps < np.finfo(np.float64).eps:  # x86: 80-bit long double
+        finer = np.longdouble(1) + np.finfo(np.longdouble).eps
+        c = convert(np.array([finer], dtype=np.longdouble))
+        assert not c.converted and "cannot hold exactly" in c.note
+
+
+def test_an_explicit_integer_dtype_never_wraps():
+    c = convert(np.array([1, 300]), options=ConversionOptions(dtype=torch.int8))
+    assert not c.converted and "do not fit int8" in c.note
+    c = convert(np.array([1.0, np.nan]), options=ConversionOptions(dtype=torch.int64))
+    assert not c.converted and "NaN or infinite" in c.note
+    assert not convert([300], options=ConversionOptions(dtype=torch.int8)).converted
+
+
+def test_masked_arrays_are_left_alone():
+    c = convert(np.ma.masked_array([1.0, 2.0], mask=[0, 1]))
+    assert not c.converted and "masked" in c.note
+
+
+def test_a_failing_conversion_leaves_the_value_and_says_so(monkeypatch):
+    import torchmagic.convert as conversion
+
+    def broken(value, name="", options=None):
+        raise RuntimeError("internal")
+
+    monkeypatch.setattr(conversion, "convert", broken)
+    converter = Converter(ConversionOptions())
+    value = [1, 2]
+    assert converter("v", value) is value
+    assert "could not be converted: RuntimeError: internal" in converter.report.text()
 
 
 def test_requires_grad_only_for_floating_results():
