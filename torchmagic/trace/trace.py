@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -17,6 +18,23 @@ from .naming import Labeler, snapshot
 from .recorder import Recorder
 
 SAVE_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".txt": "text"}
+
+
+def frame_names(frame: Any) -> dict[str, Any]:
+    """The tensors and modules a frame's code can name, globals then locals.
+
+    Python 3.11 keeps the dict that ``f_locals`` builds on a function's frame, holding every local
+    as it was, until the frame ends: emptied after the snapshot, so a trace keeps nothing alive
+    through it (the next ``f_locals`` or ``locals()`` builds it afresh from the frame).
+    """
+    names = snapshot(frame.f_globals)
+    if frame.f_code.co_flags & inspect.CO_OPTIMIZED:  # a function: its locals are a snapshot dict
+        local = frame.f_locals
+        names.update(snapshot(local))
+        local.clear()
+    else:
+        names.update(snapshot(frame.f_locals))
+    return names
 
 
 def _EMPTY_DATA() -> dict[str, Any]:  # noqa: N802 - a constructor of the empty trace's data
@@ -81,9 +99,7 @@ class Trace(TraceChecks):
         frame = sys._getframe(1)
 
         def names() -> dict[str, Any]:  # the block's names, for describing a stop mid-block
-            found = snapshot(frame.f_globals)
-            found.update(snapshot(frame.f_locals))
-            return found
+            return frame_names(frame)
 
         recorder.namespace_source = names
         recorder.start()
@@ -93,11 +109,7 @@ class Trace(TraceChecks):
         recorder, self._recorder = self._recorder, None
         recorder.stop()
         recorder.namespace_source = None  # it holds the block's frame
-        caller = sys._getframe(1)
-        names = snapshot(caller.f_globals)
-        if caller.f_locals is not caller.f_globals:
-            names.update(snapshot(caller.f_locals))
-        del caller
+        names = frame_names(sys._getframe(1))
         if exc is not None:
             self.error = f"{exc_type.__name__}: {exc}"
         self.fill(recorder, names)
