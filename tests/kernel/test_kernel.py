@@ -82,3 +82,38 @@ def test_installed_kernel_spec_preloads_the_extension(tmp_path):
     manager.kernel_dirs = [str(prefix / "share" / "jupyter" / "kernels")]
     manager.remove_kernel_spec("tm-test")
     assert not Path(spec_dir).exists()
+
+
+def test_a_live_cell_updates_one_display_in_place_then_shows_the_trace_there():
+    manager, client = _start("python3")
+    try:
+        reply, _ = _execute(client, "%load_ext torchmagic")
+        assert reply["status"] == "ok"
+        code = ("%%autograd_trace --live\n"
+                "import time, torch\n"
+                "model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))\n"
+                "opt = torch.optim.SGD(model.parameters(), lr=0.05)\n"
+                "xb, yb = torch.randn(16, 4), torch.randn(16, 1)\n"
+                "start = time.monotonic()\n"
+                "while time.monotonic() - start < 3:\n"
+                "    opt.zero_grad()\n"
+                "    loss = (model(xb) - yb).pow(2).mean()\n"
+                "    loss.backward()\n"
+                "    opt.step()\n"
+                "    time.sleep(0.01)\n")
+        reply, outputs = _execute(client, code)
+        assert reply["status"] == "ok"
+        first = [c for kind, c in outputs if kind == "display_data"]
+        updates = [c for kind, c in outputs if kind == "update_display_data"]
+        assert len(first) == 1 and first[0]["data"]["text/plain"].startswith("live:")
+        display_id = first[0]["transient"]["display_id"]
+        assert {u["transient"]["display_id"] for u in updates} == {display_id}
+        live = [u for u in updates if u["data"]["text/plain"].startswith("live:")]
+        assert len(live) >= 5  # four refreshes a second for three seconds, at most
+        counts = [int(u["data"]["text/plain"].split()[1]) for u in live]
+        assert counts == sorted(counts) and counts[-1] > counts[0]
+        final = updates[-1]["data"]
+        assert final["text/plain"].startswith("autograd trace of") and "<svg" in final["image/svg+xml"]
+    finally:
+        client.stop_channels()
+        manager.shutdown_kernel(now=True)

@@ -129,3 +129,34 @@ def test_ctrl_c_in_a_traced_training_loop_stops_it_cleanly_every_time(ipython, m
                      "len(m._global_forward_pre_hooks), signal.getsignal(signal.SIGINT).__name__)")
     ipython.expect(r"In \[\d+\]: ")
     assert "left 0 0 0 default_int_handler" in ipython.before
+
+
+def test_live_is_one_status_line_rewritten_in_place_then_the_text_trace(ipython):
+    assert "Error" not in run(ipython, ["%load_ext torchmagic"], 1)
+    run(ipython, ["%config TorchMagic.live_interval = 0.05"], 2)
+    cell = [
+        "%%autograd_trace --live",
+        "import time, torch",
+        "model = torch.nn.Linear(4, 1)",
+        "opt = torch.optim.SGD(model.parameters(), lr=0.05)",
+        "xb = torch.randn(16, 4)",
+        "for step in range(60):",
+        "    opt.zero_grad()",
+        "    loss = model(xb).pow(2).mean()",
+        "    loss.backward()",
+        "    opt.step()",
+        "    time.sleep(0.01)",
+        "",
+    ]
+    for line in cell:
+        ipython.sendline(line)
+    ipython.sendline("")
+    ipython.expect(r"In \[4\]: ")
+    raw = ipython.before
+    statuses = re.findall(r"\rlive: (\d+) backward pass", raw)
+    assert len(statuses) >= 3  # the line was rewritten in place several times
+    counts = [int(count) for count in statuses]
+    assert counts == sorted(counts) and counts[-1] == 60  # the last refresh shows every pass
+    after = raw[raw.rindex("\rlive:"):]
+    assert "\nautograd trace of In [3]" in after.replace("\r\n", "\n")  # then the text trace, on a line of its own
+    assert "<svg" not in raw and "LiveView" not in raw

@@ -51,6 +51,10 @@ class TorchMagic(Configurable):
     history_size = Int(
         3, min=1, help="How many past traces are kept (torchmagic.last_trace(), %autograd_trace show)."
     ).tag(config=True)
+    live_interval = Float(
+        0.25, min=0.02, help="Seconds between refreshes of a --live view (it refreshes after a backward pass, "
+                             "never more often than this).",
+    ).tag(config=True)
     default_device = DeviceSpec(
         "", help="Default device applied when the extension loads (cpu, cuda, cuda:N, mps, meta, auto); empty: leave it."
     ).tag(config=True)

@@ -39,6 +39,9 @@ class PendingDisplay:
     make: Callable[[], Any]
     discard: Callable[[], None] = lambda: None
     text_only: bool = False
+    # shows what make() built in place of something shown while the cell ran (a live view);
+    # None: a display of its own
+    replace: Callable[[Any, bool], None] | None = None
 
 
 class SessionMagics(Magics):
@@ -211,7 +214,9 @@ class Session:
         for index, item in enumerate(pending):
             try:
                 obj = item.make()
-                if obj is not None:
+                if obj is not None and item.replace is not None:
+                    item.replace(obj, item.text_only)
+                elif obj is not None:
                     self.show(obj, text_only=item.text_only)
             except KeyboardInterrupt:
                 for rest in pending[index + 1:]:

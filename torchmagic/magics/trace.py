@@ -19,6 +19,7 @@ from ..interrupts import InterruptDeferral
 from ..trace import Recorder, Trace
 from ..trace.trace import SAVE_FORMATS
 from .options import TorchMagic
+from .live import LiveDisplay
 from .session import PendingDisplay, Session, SessionMagics
 
 
@@ -32,11 +33,13 @@ class TraceView:
     depth: int | None = None
     expand: tuple[str, ...] = ()
     fold: bool = True
+    live: bool = False  # show a live view while the cell runs
+    stop_on_nan: bool = False  # stop the cell at the first backward pass with a NaN/Inf gradient
 
 
 def describe_error(error: BaseException) -> str:
     """``ZeroDivisionError: division by zero``; the bare name for a KeyboardInterrupt (it has no message)."""
-    text = str(error).strip()
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
@@ -65,14 +68,21 @@ class Recording:
         self._interrupts = InterruptDeferral()
         self._modes_before = 0
         self._stopped = True
+        self.live: LiveDisplay | None = None
 
-    def start(self) -> None:
+    def start(self, cell: str = "") -> None:
         self._modes_before = torch._C._len_torch_function_stack()
         self._stopped = False
         self._interrupts.install()
         self.session.set_binder("trace", self.recorder.bind)
+        recorder = self.recorder
+        recorder.stop_on_nonfinite = self.view.stop_on_nan
+        recorder.namespace_source = lambda: self.session.shell.user_ns
+        recorder.labeler = self.session.labeler()
         try:
-            self.recorder.start()
+            if self.view.live:
+                self.live = LiveDisplay(self.session, recorder, interval=self.options.live_interval, cell=cell)
+            recorder.start()
         except BaseException:
             self.stop()
             raise
@@ -91,6 +101,7 @@ class Recording:
                   f"({describe_error(error)}); the stack is back as it was before the trace", file=sys.stderr)
         finally:
             self.session.remove_binder("trace", self.recorder.bind)
+            self.recorder.namespace_source = None
             self._interrupts.restore()
 
     def build(self, cell: str) -> Trace:
@@ -116,6 +127,8 @@ class Recording:
         try:
             self.stop()
         finally:
+            if self.live is not None:
+                self.live.finish()
             self.recorder.release()
             self.value = None
 
@@ -144,6 +157,12 @@ class TraceMagics(SessionMagics):
               help="Open the module PATH (e.g. model.layers.3.self_attn) fully; may be given several times.")
     @argument("--no-fold", action="store_true",
               help="Draw every block of a repeated run (the 12 layers of a transformer) instead of one with xN.")
+    @argument("--live", action="store_true",
+              help="While the cell runs, show its backward passes as they happen (count, rate, loss, each "
+                   "module's gradient norm per pass, NaN/Inf), updated in place; the trace replaces it at the end.")
+    @argument("--stop-on-nan", action="store_true",
+              help="Stop the cell at the first backward pass that computes a NaN or Inf gradient, with one error "
+                   "naming where it appeared, the op whose backward made it, its line and what fed it.")
     @line_cell_magic
     def autograd_trace(self, line: str, cell: str | None = None) -> Any:
         """Show the autograd graph a cell builds, with the intermediate gradients PyTorch discards.
@@ -165,7 +184,7 @@ class TraceMagics(SessionMagics):
             return None  # a syntax error, shown as for a plain cell; the last trace is left alone
         self._discard_on_recording()  # `on` mode would record this cell too: the cell magic takes over
         recording = Recording(self.session.options, view, self.session)
-        recording.start()
+        recording.start(f"In [{self.session.cell_number()}]")
         try:
             recording.value = self.session.run_body(body)
             return recording.value
@@ -188,7 +207,8 @@ class TraceMagics(SessionMagics):
         if save is not None and os.path.splitext(save)[1].lower() not in SAVE_FORMATS:
             raise UsageError(f"--save: cannot write {save!r}; use a file ending in {', '.join(SAVE_FORMATS)}")
         return TraceView(max_nodes=args.max_nodes, save=save, text=args.text, depth=args.depth,
-                         expand=tuple(unquote(path) for path in args.expand), fold=not args.no_fold)
+                         expand=tuple(unquote(path) for path in args.expand), fold=not args.no_fold,
+                         live=args.live, stop_on_nan=args.stop_on_nan)
 
     def _line(self, action: str | None, view: TraceView) -> None:
         if action is None:
@@ -231,7 +251,7 @@ class TraceMagics(SessionMagics):
     def cell_started(self) -> None:
         if self.on_view is not None and self._on_recording is None:
             recording = Recording(self.session.options, self.on_view, self.session)
-            recording.start()
+            recording.start(f"In [{self.session.cell_number()}]")
             self._on_recording = recording
 
     def cell_finished(self, result: Any) -> None:
@@ -274,8 +294,10 @@ class TraceMagics(SessionMagics):
                 self._save(trace, recording.view.save)
             return trace
 
+        live = recording.live
         self.session.show_after_cell(PendingDisplay(f"the trace of {cell}", make, recording.discard,
-                                                    text_only=recording.view.text))
+                                                    text_only=recording.view.text,
+                                                    replace=live.replace if live is not None else None))
 
     def _remember(self, trace: Trace) -> None:
         history = torchmagic._history
