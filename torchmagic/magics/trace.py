@@ -18,8 +18,8 @@ from ..errors import TorchMagicError
 from ..interrupts import InterruptDeferral
 from ..trace import Recorder, Trace
 from ..trace.trace import SAVE_FORMATS
-from .options import TorchMagic
 from .live import LiveDisplay
+from .options import TorchMagic
 from .session import PendingDisplay, Session, SessionMagics
 
 
