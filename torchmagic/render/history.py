@@ -1,4 +1,4 @@
-"""Per-pass gradient norms of a training loop as small plots: text sparklines and inline SVG.
+"""Gradient norms over time as small plots (per backward pass, per loop iteration): text sparklines and SVG.
 
 Norms that span more than two orders of magnitude are plotted on a log scale, so a vanishing
 or exploding gradient shows as a slope rather than a flat line with one spike.
@@ -10,7 +10,7 @@ import html
 import math
 from collections.abc import Mapping, Sequence
 
-from ..trace.model import _format_number
+from .describe import format_number
 
 _SPARKS = "▁▂▃▄▅▆▇█"
 BAD = "#c00000"
@@ -71,15 +71,15 @@ def sparkline_svg(values: Sequence[float], width: int = 160, height: int = 22) -
 def _summary(values: Sequence[float]) -> tuple[str, str, str, str]:
     finite = [v for v in values if _finite(v)]
     bad = len(values) - len(finite)
-    low = _format_number(min(finite)) if finite else "-"
-    high = _format_number(max(finite)) if finite else "-"
-    return _format_number(values[0]), _format_number(values[-1]), f"{low} … {high}", str(bad)
+    low = format_number(min(finite)) if finite else "-"
+    high = format_number(max(finite)) if finite else "-"
+    return format_number(values[0]), format_number(values[-1]), f"{low} … {high}", str(bad)
 
 
-def history_lines(history: Mapping[str, Sequence[tuple[int, float]]]) -> list[str]:
+def history_lines(history: Mapping[str, Sequence[tuple[int, float]]], column: str = "per pass") -> list[str]:
     from .text import table
 
-    rows = [("name", "per pass", "first", "last", "range", "NaN/Inf")]
+    rows = [("name", column, "first", "last", "range", "NaN/Inf")]
     for name, entries in history.items():
         values = [v for _, v in entries]
         _, log = scale(values)
@@ -87,12 +87,13 @@ def history_lines(history: Mapping[str, Sequence[tuple[int, float]]]) -> list[st
     return table(rows)
 
 
-def history_table(history: Mapping[str, Sequence[tuple[int, float]]]) -> str:
+def history_table(history: Mapping[str, Sequence[tuple[int, float]]], title: str = "gradient norm per backward pass",
+                  column: str = "per pass", width: int = 160) -> str:
     esc = html.escape
     left, right = ' style="text-align:left"', ' style="text-align:right"'
-    parts = ['<p style="margin:6px 0 2px 0"><b>gradient norm per backward pass</b></p>',
+    parts = [f'<p style="margin:6px 0 2px 0"><b>{esc(title)}</b></p>',
              '<table class="torchmagic-table torchmagic-history"><thead><tr>']
-    for header, align in (("name", left), ("per pass", left), ("first", right), ("last", right),
+    for header, align in (("name", left), (column, left), ("first", right), ("last", right),
                           ("range", right), ("NaN/Inf", right)):
         parts.append(f"<th{align}>{header}</th>")
     parts.append("</tr></thead><tbody>")
@@ -100,7 +101,7 @@ def history_table(history: Mapping[str, Sequence[tuple[int, float]]]) -> str:
         values = [v for _, v in entries]
         first, last, span, bad = _summary(values)
         cls = ' class="bad"' if bad != "0" else ""
-        parts.append(f"<tr{cls}><td{left}>{esc(name)}</td><td{left}>{sparkline_svg(values)}</td>"
+        parts.append(f"<tr{cls}><td{left}>{esc(name)}</td><td{left}>{sparkline_svg(values, width=width)}</td>"
                      f"<td{right}>{first}</td><td{right}>{last}</td><td{right}>{esc(span)}</td><td{right}>{bad}</td></tr>")
     parts.append("</tbody></table>")
     return "".join(parts)

@@ -15,6 +15,7 @@ from .model import MissingGradient, PassInfo, TraceNode
 from .naming import Labeler
 from .recorder import Recorder
 
+MAX_ROWS = 50  # default rows of the text view and the gradient table (the rest: "N more in t.nodes")
 SAVE_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".txt": "text"}
 
 
@@ -32,7 +33,8 @@ class Trace:
     def __init__(self, *, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16,
                  cell: str = "", depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True) -> None:
         self.max_nodes = max_nodes
-        self.layout_timeout = 10.0  # seconds a big diagram's layout may take before it is stopped
+        self.layout_timeout = 10.0  # seconds any diagram's layout may take before it is stopped
+        self.max_rows = MAX_ROWS  # rows the text view and the gradient table list at most
         self.depth = depth  # None: the deepest module level that keeps the diagram readable
         self.expand = tuple(expand)
         self.fold = fold
@@ -50,7 +52,9 @@ class Trace:
         self._grad_tensors: dict[int, torch.Tensor] = {}
         self._recorder: Recorder | None = None
         self._svg: str | None = None
+        self._svg_error: Exception | None = None  # a layout that failed is not tried again for the same view
         self._view = None  # the View for the current settings, computed once per display
+        self._loops = None  # the loops found in the graph, whatever the view
 
     # -- recording ----------------------------------------------------------------------
     def recorder(self) -> Recorder:
@@ -69,7 +73,9 @@ class Trace:
         self.op_count = data["op_count"]
         self.modules = data["modules"]
         self._svg = None
+        self._svg_error = None
         self._view = None
+        self._loops = None
         return self
 
     def __enter__(self) -> Trace:
@@ -153,17 +159,29 @@ class Trace:
         return " · ".join(parts)
 
     def set_view(self, *, depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True,
-                 max_nodes: int | None = None) -> Trace:
-        """Change how the diagram shows modules (``depth``, ``expand``, ``fold``) and its size limit."""
+                 max_nodes: int | None = None, max_rows: int | None = None) -> Trace:
+        """Change how the diagram shows modules (``depth``, ``expand``, ``fold``), its size limit and
+        how many rows the text view and the gradient table list."""
         self.depth, self.expand, self.fold = depth, tuple(expand), fold
         if max_nodes is not None:
             self.max_nodes = max_nodes
+        if max_rows is not None:
+            self.max_rows = max_rows
         self._svg = None
+        self._svg_error = None
         self._view = None
         return self
 
+    def loops(self):
+        """The loops whose iterations fold in the diagram (``torchmagic.trace.loops.Loop``), found once."""
+        if self._loops is None:
+            from .loops import find_loops
+
+            self._loops = find_loops(self.nodes)
+        return self._loops
+
     def view(self):
-        """How the diagram shows modules: clusters, collapsed modules, folded repeats (a ``View``)."""
+        """How the diagram shows modules: clusters, collapsed module calls, folded repeats (a ``View``)."""
         if self._view is not None:
             return self._view
         from .view import AUTO_DEPTH_NODES, plan
@@ -171,7 +189,8 @@ class Trace:
         origin = self.nonfinite_origin
         reveal = origin.module if origin is not None and origin.module and self.depth is None else None
         self._view = plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold,
-                          auto_target=min(AUTO_DEPTH_NODES, self.max_nodes), reveal=reveal)
+                          auto_target=min(AUTO_DEPTH_NODES, self.max_nodes), reveal=reveal,
+                          loops=self.loops() if self.fold else None)
         return self._view
 
     def _diagram(self):
@@ -198,29 +217,42 @@ class Trace:
         return to_digraph(self.nodes, title=self.title(), max_nodes=len(self.nodes) or 1, view=view).source
 
     def svg(self) -> str:
-        """The diagram as SVG text, laid out in-process (no system Graphviz needed); a big one in a
-        child process stopped after ``layout_timeout`` seconds (LayoutTimeout)."""
+        """The diagram as SVG text, laid out in a worker process (no system Graphviz needed) and
+        stopped after ``layout_timeout`` seconds (LayoutTimeout), so showing a trace never freezes."""
+        if self._svg_error is not None:
+            raise self._svg_error
         if self._svg is None:
+            from ..errors import LayoutTimeout
             from ..render.svg import render_svg
 
             graph, view = self._diagram()
-            boxes = min(view.box_count, self.max_nodes)
-            self._svg = render_svg(graph.source, boxes=boxes, timeout=self.layout_timeout)
+            try:
+                self._svg = render_svg(graph.source, timeout=self.layout_timeout)
+            except LayoutTimeout as error:
+                boxes = min(view.box_count, self.max_nodes)
+                self._svg_error = LayoutTimeout(
+                    f"laying out {boxes} boxes took over {self.layout_timeout:g} s and was stopped; the text view "
+                    "shows the graph (--depth, --max-nodes or --save trace.dot for a smaller or offline diagram)")
+                raise self._svg_error from error
         return self._svg
 
     def text(self) -> str:
-        """Graph and gradient table as aligned text (what a terminal shows)."""
-        from ..render.text import gradient_lines, graph_lines
+        """Graph and gradient table as aligned text (what a terminal shows), at most ``max_rows`` rows each."""
+        from ..render.text import gradient_lines, graph_lines, loop_lines
 
+        view = self.view()
         lines = [self.title()]
         if self.error:
             lines.append(f"  the code raised {self.error}; showing what ran")
         lines.append("graph (inputs first):")
-        lines += graph_lines(self.nodes, self.max_nodes, self.view())
-        grads = gradient_lines(self.nodes, self.missing)
+        lines += graph_lines(self.nodes, self.max_rows, view)
+        grads = gradient_lines(self.nodes, self.missing, self.max_rows)
         if grads:
             lines.append("gradients:")
             lines += grads
+        if view.loops:
+            lines.append("gradient norm per loop iteration:")
+            lines += loop_lines(self.nodes, view.loops)
         if len(self.passes) > 1 and self.grad_history:
             from ..render.history import history_lines
 
@@ -229,10 +261,10 @@ class Trace:
         return "\n".join(lines)
 
     def html(self) -> str:
-        """Diagram (inline SVG) and gradient table as one HTML fragment."""
+        """Diagram (inline SVG), loop plots and gradient table as one HTML fragment."""
         import html as html_module
 
-        from ..render.html import gradient_table
+        from ..render.html import gradient_table, loop_table
 
         note = f"<p><b>the code raised</b> {html_module.escape(self.error)}; showing what ran</p>" if self.error else ""
         history = ""
@@ -240,8 +272,9 @@ class Trace:
             from ..render.history import history_table
 
             history = history_table(self.grad_history)
-        table = gradient_table(self.nodes, self.missing)
-        return f'<div class="torchmagic-trace">{note}{self.svg()}{table}{history}</div>'
+        loops = loop_table(self.nodes, self.view().loops)
+        table = gradient_table(self.nodes, self.missing, self.max_rows)
+        return f'<div class="torchmagic-trace">{note}{self.svg()}{loops}{table}{history}</div>'
 
     def save(self, path: str | Path) -> Path:
         """Write the diagram as .svg, the whole graph as .dot/.gv, or the text view as .txt (by extension)."""
