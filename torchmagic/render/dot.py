@@ -225,11 +225,13 @@ def to_digraph(nodes: Sequence[TraceNode], *, title: str = "", max_nodes: int = 
         _emit_box(clusters, box, nodes, view, drawing, max_nodes, outputs)
     clusters.emit(graph)
     for edge in drawing.edges:
+        tail = drawing.boxes[edge.tail]
         if edge.recurrent:
             graph.edge(edge.tail, edge.head, label="next iteration", style="dashed", color=LOOP_COLOR,
                        fontcolor=LOOP_COLOR, fontsize="9", constraint="false")
         else:
-            graph.edge(edge.tail, edge.head, **({"style": "dashed"} if edge.tail == "elided" else {}))
+            not_drawn = tail.kind == "elided" or tail.kind == "ref" and tail.node is None
+            graph.edge(edge.tail, edge.head, **({"style": "dashed"} if not_drawn else {}))
     return graph
 
 
@@ -260,6 +262,9 @@ def _emit_box(clusters: _Clusters, box: Box, nodes, view: View, drawing: Drawing
         loop = view.loops[box.loop]
         clusters.add(box.chain, box.name, _plot_label(nodes, loop), shape="plain",
                      tooltip=graphviz.escape(f"gradient norm of the loop-carried tensor, {loop.iterations}"))
+    elif box.kind == "ref" and box.node is None:  # an input max_nodes left out
+        clusters.add(box.chain, box.name, "…", shape="box", style="dashed", fontsize="9", color="#777777",
+                     fontcolor="#555555", tooltip=f"an input not drawn (max_nodes={max_nodes})")
     elif box.kind == "ref":
         node = nodes[box.node]
         clusters.add(box.chain, box.name, graphviz.escape(node.label), shape="box", style="dashed,filled",

@@ -86,6 +86,7 @@ class _Builder:
         self.shown = select(candidates, max(1, max_nodes - len(self.units) - len(exits)))
         self.drawing.elided = [n.id for n in candidates if n.id not in self.shown]
         self.exits = set(exits)
+        self._tensor_shown: dict[int, bool] = {}
         self.outputs: dict[int, list[TraceNode]] = {}
         for node in nodes:
             self.outputs.setdefault(node.op_id, []).append(node)
@@ -107,7 +108,11 @@ class _Builder:
         return tuple(self.view.members(i))
 
     def tensor_shown(self, i: int) -> bool:
-        return any(self.nodes[m].is_tensor_shown for m in self.members(i))
+        """Whether the drawn node ``i`` gets a box of its own (it, or a twin, is named or an output)."""
+        shown = self._tensor_shown.get(i)
+        if shown is None:
+            shown = self._tensor_shown[i] = any(self.nodes[m].is_tensor_shown for m in self.members(i))
+        return shown
 
     def exit_box(self, u: int) -> str | None:
         """The box an arrow leaves from when tensor ``u`` is used (None: not drawn at all)."""
@@ -197,13 +202,16 @@ class _Builder:
             drawing.edges.extend(own)
 
     def _references(self) -> None:
-        """A leaf or parameter used by many operations far apart would pull long edges across the whole
-        diagram (slow to lay out, hard to follow): past the first few uses it is drawn again beside each."""
+        """A leaf or parameter used by many operations far apart, or the note for what max_nodes left out,
+        would pull long edges across the whole diagram (slow to lay out, hard to follow): past the first
+        few uses it is drawn again, small, beside each further use."""
         drawing = self.drawing
         uses: dict[str, list[Edge]] = {}
         for edge in drawing.edges:
             box = drawing.boxes.get(edge.tail)
-            if box is not None and box.kind == "tensor" and self.nodes[box.node].kind != "op":
+            if box is None:
+                continue
+            if box.kind == "elided" or box.kind == "tensor" and self.nodes[box.node].kind != "op":
                 uses.setdefault(edge.tail, []).append(edge)
         count = 0
         for tail, edges in uses.items():

@@ -51,7 +51,10 @@ def sparkline(values: Sequence[float], width: int = 40) -> str:
 
 
 def sparkline_svg(values: Sequence[float], width: int = 160, height: int = 22) -> str:
-    """A small inline SVG line plot; NaN/Inf passes are red ticks at the top."""
+    """A small inline SVG line plot; NaN/Inf passes are red ticks at the top. At most one point per
+    pixel: longer series are averaged in runs (a NaN/Inf wins its run)."""
+    count = len(values)
+    values = _buckets(values, width)
     positions, log = scale(values)
     n = len(values)
     step = width / max(1, n - 1)
@@ -63,7 +66,7 @@ def sparkline_svg(values: Sequence[float], width: int = 160, height: int = 22) -
         else:
             points.append(f"{x:.1f},{height - 2 - p * (height - 4):.1f}")
     line = f'<polyline fill="none" stroke="#1f5f9f" stroke-width="1.2" points="{" ".join(points)}"/>' if points else ""
-    title = f"<title>{n} passes{' (log scale)' if log else ''}</title>"
+    title = f"<title>{count} values{' (log scale)' if log else ''}</title>"
     return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
             f'viewBox="0 0 {width} {height}">{title}{line}{"".join(bad)}</svg>')
 

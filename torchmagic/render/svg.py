@@ -11,6 +11,7 @@ time") go to the worker's stderr, which is discarded: none of it reaches a noteb
 from __future__ import annotations
 
 import atexit
+import re
 import subprocess
 import sys
 import threading
@@ -136,4 +137,16 @@ def render_svg(dot_source: str, *, timeout: float = 10.0) -> str:
     text = WORKER.render(dot_source, timeout)
     # drop the XML prolog and DOCTYPE so the SVG can be inlined in HTML
     start = text.find("<svg")
-    return text[start:] if start > 0 else text
+    return compact(text[start:] if start > 0 else text)
+
+
+_FONT = ' font-family="Helvetica,sans-Serif"'
+
+
+def compact(svg: str) -> str:
+    """Graphviz's SVG, smaller: no comments, and the font named once on the root element (it is
+    inherited) instead of on every text; about a sixth less for a big diagram."""
+    svg = re.sub(r"<!--.*?-->\n?", "", svg, flags=re.S)
+    if _FONT in svg:
+        svg = svg.replace(_FONT, "").replace("<svg ", "<svg" + _FONT + " ", 1)
+    return svg

@@ -62,7 +62,7 @@ class _Refs:
         r = view.drawn_as(i)
         if r in view.owner and r not in view.exits:
             return self.unit(view.owner[r])
-        return ref(self.nodes[r]) if r != i and self.nodes[r].name is not None else ref(node)
+        return ref(node)  # an unnamed twin keeps its own id (in t.nodes), never its drawn twin's name
 
 
 def graph_lines(nodes: Sequence[TraceNode], max_rows: int, view: View | None = None) -> list[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from .model import MissingGradient, PassInfo, TraceNode
 from .naming import Labeler
 from .recorder import Recorder
 
+SVG_BUDGET = 900_000  # bytes of SVG a display holds at most: with the tables, a page stays under 1 MB
 MAX_ROWS = 50  # default rows of the text view and the gradient table (the rest: "N more in t.nodes")
 SAVE_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".txt": "text"}
 
@@ -193,12 +195,13 @@ class Trace:
                           loops=self.loops() if self.fold else None)
         return self._view
 
-    def _diagram(self):
+    def _diagram(self, max_nodes: int | None = None, note: str = ""):
         from ..render.dot import to_digraph
 
         view = self.view()
-        return to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes, view=view,
-                          notes=view.notes()), view
+        notes = view.notes() + ([note] if note else [])
+        return to_digraph(self.nodes, title=self.title(), max_nodes=max_nodes or self.max_nodes, view=view,
+                          notes=notes), view
 
     @property
     def digraph(self):
@@ -218,18 +221,31 @@ class Trace:
 
     def svg(self) -> str:
         """The diagram as SVG text, laid out in a worker process (no system Graphviz needed) and
-        stopped after ``layout_timeout`` seconds (LayoutTimeout), so showing a trace never freezes."""
+        stopped after ``layout_timeout`` seconds (LayoutTimeout), so showing a trace never freezes.
+        A diagram too big for a page (over SVG_BUDGET bytes) is drawn again with fewer boxes."""
         if self._svg_error is not None:
             raise self._svg_error
         if self._svg is None:
             from ..errors import LayoutTimeout
             from ..render.svg import render_svg
 
+            start = time.perf_counter()
             graph, view = self._diagram()
+            limit = self.max_nodes
             try:
-                self._svg = render_svg(graph.source, timeout=self.layout_timeout)
+                svg = render_svg(graph.source, timeout=self.layout_timeout)
+                for _ in range(2):
+                    if len(svg) <= SVG_BUDGET:
+                        break
+                    limit = max(10, int(limit * SVG_BUDGET / len(svg) * 0.85))
+                    note = (f"drawn with at most {limit} tensors to keep the page under "
+                            f"{SVG_BUDGET // 1000} KB (max_nodes={self.max_nodes}); the trace keeps them all")
+                    graph, view = self._diagram(limit, note)
+                    left = self.layout_timeout - (time.perf_counter() - start)
+                    svg = render_svg(graph.source, timeout=max(left, 0.001))
+                self._svg = svg
             except LayoutTimeout as error:
-                boxes = min(view.box_count, self.max_nodes)
+                boxes = min(view.box_count, limit)
                 self._svg_error = LayoutTimeout(
                     f"laying out {boxes} boxes took over {self.layout_timeout:g} s and was stopped; the text view "
                     "shows the graph (--depth, --max-nodes or --save trace.dot for a smaller or offline diagram)")
