@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 
 import pytest
+import scenes
 import torch
 from graphs import seed
 
@@ -92,8 +93,25 @@ def blocks_expand():
     return blocks_trace(depth=2, expand=("net.blocks.2",))
 
 
+def rnn_folded():
+    return scenes.rnn_loop(5)
+
+
+def blocks_cell_folded():
+    return scenes.folded_blocks_cell()
+
+
+def blocks_cell_depth1():
+    return scenes.folded_blocks_cell(depth=1)
+
+
+def dcgan_calls_depth0():
+    return scenes.fill_scope_by_calls(scenes.dcgan_step(depth=0), "netD", "bce")
+
+
 @pytest.mark.parametrize("build", [seed_graph, split_graph, mlp_graph, nan_graph, blocks_folded, blocks_depth2,
-                                   blocks_expand], ids=lambda f: f.__name__)
+                                   blocks_expand, rnn_folded, blocks_cell_folded, blocks_cell_depth1,
+                                   dcgan_calls_depth0], ids=lambda f: f.__name__)
 def test_golden_dot(build):
     dot = build().to_dot()
     path = GOLDEN / f"{build.__name__}.dot"
@@ -203,23 +221,27 @@ def test_default_depth_is_the_deepest_that_fits_and_says_what_it_collapsed():
     assert any("chosen to fit" in note for note in tight.notes())
 
 
-def test_every_layout_runs_in_a_worker_that_is_stopped_on_time():
+def test_every_layout_runs_in_a_worker_that_is_stopped_on_time(monkeypatch):
+    from scenes import rnn_loop
+
     from torchmagic.errors import LayoutTimeout
+    from torchmagic.render import drawing
     from torchmagic.render.svg import WORKER
 
     t = blocks_trace()
     svg = t.svg()  # laid out in the worker process, within the default limit
     assert svg.startswith("<svg") and "net.blocks.0 … 3 · Block ×4" in svg and WORKER.running
-    t.set_view()  # forget the cached SVG
-    t.layout_timeout = 0.001  # no layout answers in time
+    # an unrolled loop whose weights are drawn once, with edges to every step: minutes of layout
+    monkeypatch.setattr(drawing, "REFERENCE_FANOUT", 10**9)
+    slow = rnn_loop(100, fold=False, max_nodes=5000)
+    slow.layout_timeout = 0.5
     with pytest.raises(LayoutTimeout, match="was stopped"):
-        t.svg()
+        slow.svg()
     assert not WORKER.running  # the worker was killed, not left laying out
-    bundle = t._repr_mimebundle_()
+    bundle = slow._repr_mimebundle_()  # the failure is kept: no second wait
     assert set(bundle) == {"text/plain"}  # the front end shows the text view, with the reason
     assert "diagram unavailable: LayoutTimeout" in bundle["text/plain"] and "graph (inputs first):" in bundle["text/plain"]
-    t.set_view()
-    t.layout_timeout = 10
+    t.set_view()  # forget the cached SVG
     assert t.svg().startswith("<svg")  # the next diagram starts a fresh worker
 
 

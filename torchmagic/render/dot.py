@@ -29,9 +29,10 @@ GRAD_COLOR = "#1b5e20"
 LOOP_COLOR = "#1f5f9f"
 PLOT_BARS = 60  # a loop's gradient plot has at most this many bars (iterations are averaged into them)
 
-# Layout settings. ``nslimit``/``nslimit1`` bound the network-simplex passes that place ranks and x
-# positions, ``mclimit`` the crossing-minimisation passes: with them a 500-box diagram lays out in
-# well under a second (see benchmarks/run.py), where unbounded passes took minutes on long graphs.
+# Layout settings. What keeps big diagrams fast is drawing a tensor used far and wide again beside
+# each use (drawing.py): no edge spans the whole diagram. ``nslimit``/``nslimit1`` (network-simplex
+# passes for ranks and x positions) and ``mclimit`` (crossing minimisation) bound what is left: they
+# change nothing measurable on ordinary graphs and cut pathological ones (long edges) by 3-4x.
 GRAPH_ATTRS = {"rankdir": "TB", "nodesep": "0.25", "ranksep": "0.3", "fontname": "Helvetica", "fontsize": "11",
                "newrank": "true", "nslimit": "2", "nslimit1": "2", "mclimit": "0.5"}
 
@@ -141,6 +142,8 @@ def _plot_label(nodes: Sequence[TraceNode], loop: Loop) -> str:
     for value, p in zip(bars, positions):
         if p is None:
             color, height = (BAD_BORDER, 32) if not math.isnan(value) or finite else ("#cccccc", 2)
+        elif value == 0:
+            color, height = "#bbbbbb", 1  # vanished to exactly zero
         else:
             color, height = LOOP_COLOR, 2 + round(p * 30)
         cells.append(f'<TD VALIGN="BOTTOM"><TABLE BORDER="0" CELLSPACING="0" CELLPADDING="0"><TR>'
@@ -268,7 +271,8 @@ def _emit_box(clusters: _Clusters, box: Box, nodes, view: View, drawing: Drawing
     elif box.kind == "ref":
         node = nodes[box.node]
         clusters.add(box.chain, box.name, graphviz.escape(node.label), shape="box", style="dashed,filled",
-                     fillcolor=PARAM_FILL if node.kind == "param" else LEAF_FILL, fontsize="9", color="#777777",
+                     fillcolor={"param": PARAM_FILL, "leaf": LEAF_FILL}.get(node.kind, TENSOR_FILL), fontsize="9",
+                     color="#777777",
                      tooltip=graphviz.escape(f"{node.label} again: drawn in full once, used by many operations"))
     elif box.kind == "tensor":
         node = nodes[box.node]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from ..trace.model import TraceNode
 from ..trace.view import Call, View, call_scope
 
-REFERENCE_FANOUT = 3  # a leaf used by more operations than this is drawn again beside each further use
+REFERENCE_FANOUT = 3  # a tensor used by more operations than this is drawn again beside each further use
 
 
 @dataclass
@@ -202,16 +202,17 @@ class _Builder:
             drawing.edges.extend(own)
 
     def _references(self) -> None:
-        """A leaf or parameter used by many operations far apart, or the note for what max_nodes left out,
-        would pull long edges across the whole diagram (slow to lay out, hard to follow): past the first
-        few uses it is drawn again, small, beside each further use."""
+        """A tensor used by many operations far apart (a weight used at every step of an unrolled loop),
+        or the note for what max_nodes left out, would pull long edges across the whole diagram: slow to
+        lay out (a 100-step loop took over a minute) and hard to follow. Past the first few uses it is
+        drawn again, small, beside each further use."""
         drawing = self.drawing
         uses: dict[str, list[Edge]] = {}
         for edge in drawing.edges:
             box = drawing.boxes.get(edge.tail)
             if box is None:
                 continue
-            if box.kind == "elided" or box.kind == "tensor" and self.nodes[box.node].kind != "op":
+            if box.kind in ("elided", "tensor"):
                 uses.setdefault(edge.tail, []).append(edge)
         count = 0
         for tail, edges in uses.items():

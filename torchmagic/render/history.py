@@ -21,15 +21,32 @@ def _finite(value: float) -> bool:
 
 
 def scale(values: Sequence[float]) -> tuple[list[float | None], bool]:
-    """Each value placed in [0, 1] (None where not finite), and whether the scale is logarithmic."""
+    """Each value placed in [0, 1] (None where not finite), and whether the scale is logarithmic.
+
+    A gradient that vanished to exactly 0 (float underflow) does not stop a log scale: zeros sit
+    at the bottom, below the smallest positive value.
+    """
     finite = [v for v in values if _finite(v)]
     if not finite:
         return [None] * len(values), False
-    log = min(finite) > 0 and max(finite) / min(finite) > 100
-    f = math.log10 if log else (lambda v: v)
-    low, high = f(min(finite)), f(max(finite))
+    positive = [v for v in finite if v > 0]
+    log = min(finite) >= 0 and len(positive) >= 2 and max(positive) / min(positive) > 100
+    if not log:
+        low, high = min(finite), max(finite)
+        span = (high - low) or 1.0
+        return [None if not _finite(v) else (v - low) / span for v in values], False
+    low, high = math.log10(min(positive)), math.log10(max(positive))
     span = (high - low) or 1.0
-    return [None if not _finite(v) else (f(v) - low) / span for v in values], log
+    floor = 0.1 if len(positive) < len(finite) else 0.0  # room below for the zeros
+    out: list[float | None] = []
+    for v in values:
+        if not _finite(v):
+            out.append(None)
+        elif v == 0:
+            out.append(0.0)
+        else:
+            out.append(floor + (1 - floor) * (math.log10(v) - low) / span)
+    return out, True
 
 
 def _buckets(values: Sequence[float], width: int) -> list[float]:
@@ -45,9 +62,11 @@ def _buckets(values: Sequence[float], width: int) -> list[float]:
 
 
 def sparkline(values: Sequence[float], width: int = 40) -> str:
-    """``▁▂▅█`` for a list of numbers; ``!`` marks NaN or Inf."""
-    positions, _ = scale(_buckets(values, width))
-    return "".join("!" if p is None else _SPARKS[min(7, int(p * 7.999))] for p in positions)
+    """``▁▂▅█`` for a list of numbers; ``!`` marks NaN or Inf, ``_`` an exact zero on a log scale."""
+    values = _buckets(values, width)
+    positions, log = scale(values)
+    return "".join("!" if p is None else "_" if log and v == 0 else _SPARKS[min(7, int(p * 7.999))]
+                   for v, p in zip(values, positions))
 
 
 def sparkline_svg(values: Sequence[float], width: int = 160, height: int = 22) -> str:

@@ -186,9 +186,17 @@ def _fold(nodes, consumers, carried: list[int], taken: set[int], min_iterations:
     lo, hi = best
     if hi - lo < min_iterations:
         return None
-    plain = _signatures(nodes, [units[0], units[hi - 1]], iteration, drop_back=True) if lo == 1 else None
-    if plain is not None and plain[0][0] == plain[1][0]:
-        lo = 0  # iteration 1 is alike but for the carried input, which it did not get from before the loop
+    plain = None
+    if lo == 1:
+        # iteration 1 may differ only in where the carried input comes from: a tensor from before the
+        # loop that no later iteration uses (the loop's entry), or nothing at all (h = zeros)
+        later = {j for unit in units[1:] for i in unit for j in nodes[i].inputs}
+        entry = {j for i in units[0] for j in nodes[i].inputs if j not in iteration and j not in later}
+        plain = _signatures(nodes, [units[0], units[hi - 1]], iteration, drop=entry)
+        if plain[0][0] == plain[1][0]:
+            lo = 0
+        else:
+            plain = None
     folded = units[lo:hi]
     if any(i in taken for unit in folded for i in unit):
         return None
@@ -212,13 +220,13 @@ def _by_role(unit: list[int], roles: dict[int, int]) -> dict[int, list[int]]:
     return out
 
 
-def _signatures(nodes, units: list[list[int]], iteration: dict[int, int], drop_back: bool = False) -> list[tuple]:
+def _signatures(nodes, units: list[list[int]], iteration: dict[int, int], drop: set[int] | None = None) -> list[tuple]:
     """Each iteration's shape as a multiset of canonical node roles, and each node's role.
 
     A role is an exact (interned) description of a node: what it is and, recursively, where
     each input comes from: a node of the same iteration (by role), a node ``j`` iterations
     back (by what it is), or a tensor outside the loop (by id: shared, the same every time).
-    ``drop_back`` leaves out the inputs from earlier iterations (to compare the first iteration).
+    ``drop`` (to compare the first iteration): leave out inputs from earlier iterations and these.
     """
     interned: dict[tuple, int] = {}
     out = []
@@ -231,9 +239,9 @@ def _signatures(nodes, units: list[list[int]], iteration: dict[int, int], drop_b
                 if j in roles:
                     sources.append(("in", roles[j]))
                 elif j in iteration:
-                    if not drop_back:
+                    if drop is None:
                         sources.append(("back", iteration[i] - iteration[j], _local(nodes[j])))
-                else:
+                elif drop is None or j not in drop:
                     sources.append(("outside", j))
             key = (_local(node), tuple(sources))
             roles[i] = interned.setdefault(key, len(interned))
