@@ -57,12 +57,13 @@ class _Refs:
         view = self.view
         if view is None:
             return ref(node)
-        if node.name is not None:  # a twin in a fold keeps its own name where it is used
+        # a twin in a fold keeps its own name, module call or id where it is used (the previous
+        # iteration's h, the previous block's norm2), never its drawn twin's
+        if node.name is not None:
             return node.name
-        r = view.drawn_as(i)
-        if r in view.owner and r not in view.exits:
-            return self.unit(view.owner[r])
-        return ref(node)  # an unnamed twin keeps its own id (in t.nodes), never its drawn twin's name
+        if i in view.owner and i not in view.exits:
+            return self.unit(view.owner[i])
+        return ref(node)
 
 
 def graph_lines(nodes: Sequence[TraceNode], max_rows: int, view: View | None = None) -> list[str]:
@@ -82,6 +83,7 @@ def graph_lines(nodes: Sequence[TraceNode], max_rows: int, view: View | None = N
     loops = view.loops if view is not None else []
     entries: list[tuple[tuple, tuple[str, ...], str | None]] = []  # (importance, row, header before it)
     done_units: set = set()
+    unit_inputs = None
     starts: dict[int, Loop] = {}
     for node, loop in _in_order(nodes, loops):
         if node.id in stand_in or node.id in hidden:
@@ -94,7 +96,9 @@ def graph_lines(nodes: Sequence[TraceNode], max_rows: int, view: View | None = N
             call = owner[node.id]
             if call not in done_units:
                 done_units.add(call)
-                unit_row = _unit_row(nodes, view, call, refs)
+                if unit_inputs is None:
+                    unit_inputs = _unit_inputs(nodes, view, refs)
+                unit_row = _unit_row(nodes, view, call, refs, unit_inputs)
                 entries.append(((False, False, False, 0.0, node.id), unit_row, header))
                 header = None
             if node.id not in exits:
@@ -157,23 +161,35 @@ def _loop_header(loop: Loop) -> str:
     return f"  ┌ loop{where} ×{loop.count}: iteration {loop.first + loop.count - 1} drawn for {loop.iterations}"
 
 
-def _unit_row(nodes, view: View, call, refs: _Refs) -> tuple[str, ...]:
+def _unit_inputs(nodes, view: View, refs: _Refs) -> dict:
+    """What feeds each collapsed call, as the diagram draws it (its arrows in), by the names the text uses."""
+    from .drawing import draw
+
+    drawing = draw(nodes, view, len(nodes) or 1)
+    names = {}
+    for name, box in drawing.boxes.items():
+        if box.kind == "module":
+            names[name] = refs.unit(box.unit)
+        elif box.node is not None:
+            names[name] = refs(box.node)
+    inputs: dict = {}
+    for edge in drawing.edges:
+        head = drawing.boxes[edge.head]
+        if head.kind == "module" and edge.tail in names:
+            inputs.setdefault(head.unit, []).append(names[edge.tail])
+    return inputs
+
+
+def _unit_row(nodes, view: View, call, refs: _Refs, inputs: dict) -> tuple[str, ...]:
     unit = view.collapsed[call]
     fold = view.folds.get(call)
-    inputs = []
-    inside = set(unit.node_ids)
-    for i in unit.node_ids:
-        for m in view.members(i):
-            for j in nodes[m].inputs:
-                if view.drawn_as(j) not in inside and j not in view.hidden:
-                    inputs.append(refs(j))
     what = f"{fold.label if fold else unit.kind or 'module'}"
     if unit.call_text and not fold:
         what += f" ({unit.call_text})"
     what += f": {unit.ops} ops, {len(unit.node_ids)} tensors" + (f", {unit.params:,} params" if unit.params else "")
     if unit.names:
         what += "; inside: " + compress_names(unit.names)
-    what = f"[{what}]({', '.join(dict.fromkeys(inputs))})"
+    what = f"[{what}]({', '.join(dict.fromkeys(inputs.get(call, ())))})"
     grad = f"param grad norm {unit.grad_norm:.3g}" if unit.grad_norm is not None else ""
     if unit.nonfinite:
         grad = (grad + "  " if grad else "") + "NaN/Inf inside"
