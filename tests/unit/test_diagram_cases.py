@@ -188,3 +188,29 @@ def test_complex_gradients_say_they_are_magnitudes():
     assert "|grad| (complex, magnitudes)" in t.to_dot()
     assert "z |complex|" in t.text() and "over its elements' magnitudes" in t.text()
     assert "|complex|" in t.html()
+
+
+def _one_call_per_step(trace):
+    """Call numbers as recorder v2 records them for ``cell_loop``: each RNNCell call ends with its
+    ``rnn_tanh_cell``, and a call's operations come after the previous call's in graph order."""
+    call = 1
+    for node in trace.nodes:
+        if node.kind == "op" and node.module == "cell":
+            node.scope = (("cell", call),)
+            call += node.op == "rnn_tanh_cell"
+    return trace.set_view(depth=trace.depth)
+
+
+def test_a_module_called_once_per_step_is_one_drawn_call_standing_for_all():
+    t = _one_call_per_step(scenes.cell_loop(8))
+    (loop,) = t.view().loops
+    assert loop.count == 8
+    assert "cell · RNNCell (calls 1…8 of 8)" in t.to_dot()
+    truth.check(t)
+    t.set_view(depth=0)  # each call a box: the last drawn for all eight, fed back its own output
+    drawn = t.view().collapsed[("cell", 8)]
+    assert drawn.call_text == "calls 1…8 of 8" and "calls 1…8 of 8" in t.to_dot()
+    drawing = truth.check(t)
+    (box,) = [name for name, b in drawing.boxes.items() if b.kind == "module"]
+    h = t.node("h").id
+    assert [(e.tail, e.head) for e in drawing.edges if e.recurrent] == [(f"t{h}", box)]

@@ -202,8 +202,9 @@ class _Clusters:
 
 
 def _order(key: str) -> tuple:
+    """Sibling clusters in module order, calls in call order, loops after them."""
     path, _, call = key.rpartition("#")
-    return (natural(path), int(call)) if call.isdigit() else ((), 0, key)
+    return (0, natural(path), int(call), "") if call.isdigit() else (1, [], 0, key)
 
 
 def to_digraph(nodes: Sequence[TraceNode], *, title: str = "", max_nodes: int = 500, view: View | None = None,

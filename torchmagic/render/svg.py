@@ -11,6 +11,7 @@ time") go to the worker's stderr, which is discarded: none of it reaches a noteb
 from __future__ import annotations
 
 import atexit
+import os
 import re
 import subprocess
 import sys
@@ -50,6 +51,7 @@ class LayoutWorker:
 
     def __init__(self) -> None:
         self._process: subprocess.Popen | None = None
+        self._owner = os.getpid()
         self._lock = threading.Lock()
 
     @property
@@ -57,6 +59,8 @@ class LayoutWorker:
         return self._process is not None and self._process.poll() is None
 
     def _start(self) -> subprocess.Popen:
+        if self._owner != os.getpid():  # a forked child (a DataLoader worker) starts its own, never the parent's
+            self._process, self._owner, self._lock = None, os.getpid(), threading.Lock()
         if not self.running:
             self._process = subprocess.Popen(
                 [sys.executable, "-c", _WORKER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -67,7 +71,7 @@ class LayoutWorker:
     def stop(self) -> None:
         """Kill the worker now (the next layout starts a new one)."""
         process, self._process = self._process, None
-        if process is not None:
+        if process is not None and self._owner == os.getpid():
             process.kill()
             process.wait()
             for pipe in (process.stdin, process.stdout):

@@ -266,6 +266,7 @@ class _Planner:
         for copy, original in self.stand_in.items():
             twins.setdefault(original, []).append(copy)
         self._calls_drawn(twins)
+        self._open_calls_drawn(twins, clusters)
         unknown = tuple(p for p in self.expand if p not in self.modules)
         return View(self.depth, auto, self.collapsed, self.owner, self.stand_in, self.folds, self.loops, chain,
                     clusters, self.modules, self.hidden, twins, self.exits, unknown)
@@ -409,8 +410,8 @@ class _Planner:
             for i in loop.drawn:
                 loop_of[i] = f"loop{n}"
         loop_depth = {}
-        for n, loop in enumerate(self.loops):  # a loop's cluster sits inside the calls all its nodes share
-            scopes = [self._open_scope(i) for i in loop.drawn]
+        for n, loop in enumerate(self.loops):  # a loop's cluster sits inside the calls all iterations share
+            scopes = [self._open_scope(i) for i in (*loop.drawn, *loop.units[0])]
             common = scopes[0]
             for scope in scopes[1:]:
                 common = _common_prefix(common, scope)
@@ -497,6 +498,22 @@ class _Planner:
         """A named tensor that leaves its collapsed call (``h1 = block(h0)``) is drawn as its own box."""
         call = self.owner[node.id]
         return node.is_output or any(self.owner.get(i) != call for i in self.consumers[node.id])
+
+    def _open_calls_drawn(self, twins: dict[int, list[int]], clusters: dict[str, Cluster]) -> None:
+        """An open call drawn for the calls of its twins (one per loop iteration) says which calls."""
+        numbers: dict[Call, set[int]] = {}
+        for original, copies in twins.items():
+            for call in self.open_calls.get(original, ()):
+                for copy in copies:
+                    for path, number in call_scope(self.nodes[copy]):
+                        if path == call[0]:
+                            numbers.setdefault(call, {call[1]}).add(number)
+        for call, drawn in numbers.items():
+            cluster = clusters.get(cluster_key(call))
+            if cluster is not None and cluster.kind == "module" and len(drawn) > 1:
+                kind = self.modules.get(call[0], "")
+                label = f"{call[0]} · {kind}" if kind else call[0]
+                cluster.label = f"{label} ({calls_text(sorted(drawn), self.calls.get(call[0], 1))})"
 
     def _calls_drawn(self, twins: dict[int, list[int]]) -> None:
         for unit in self.collapsed.values():
