@@ -214,3 +214,22 @@ def test_a_module_called_once_per_step_is_one_drawn_call_standing_for_all():
     (box,) = [name for name, b in drawing.boxes.items() if b.kind == "module"]
     h = t.node("h").id
     assert [(e.tail, e.head) for e in drawing.edges if e.recurrent] == [(f"t{h}", box)]
+
+
+def test_a_loop_draws_the_iteration_where_the_first_nan_appeared():
+    x = torch.tensor([4.0, 9.0], requires_grad=True)
+    scale, shift = torch.ones(8), torch.ones(8)
+    scale[3] = shift[3] = 0.0  # step 4 takes sqrt(0): an infinite derivative, times 0: NaN
+    with torchmagic.trace() as t:
+        h = x
+        for step in range(8):
+            h = torch.sqrt(h * scale[step] + shift[step])
+        loss = h.sum()
+        loss.backward()
+    (loop,) = t.view().loops
+    origin = t.nonfinite_origin
+    assert loop.count == 8 and loop.drawn_number == 4 and origin.id in loop.drawn
+    dot = t.to_dot()
+    assert "first NaN/Inf gradient here" in dot and "iteration 4 drawn" in dot
+    assert "!!!" in t.text()  # the plot marks the steps whose gradient is NaN
+    truth.check(t)

@@ -158,7 +158,7 @@ def _in_order(nodes: Sequence[TraceNode], loops: Sequence[Loop]):
 
 def _loop_header(loop: Loop) -> str:
     where = f" at {loop.source}" if loop.source is not None else ""
-    return f"  ┌ loop{where} ×{loop.count}: iteration {loop.first + loop.count - 1} drawn for {loop.iterations}"
+    return f"  ┌ loop{where} ×{loop.count}: iteration {loop.drawn_number} drawn for {loop.iterations}"
 
 
 def _unit_inputs(nodes, view: View, refs: _Refs) -> dict:

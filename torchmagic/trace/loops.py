@@ -23,11 +23,13 @@ MIN_ITERATIONS = 3  # fewer alike iterations than this are drawn as they are
 
 @dataclass
 class Loop:
-    """Alike iterations of one loop, the last of them drawn for all.
+    """Alike iterations of one loop, one of them drawn for all (the last, unless told otherwise).
 
     ``units`` hold the node ids of each folded iteration, in order; ``carried`` the loop-carried
     tensor of each of them (``h`` at each step). ``first`` is the 1-based number of the first
-    folded iteration among ``total`` (iteration 1 often differs: its ``h`` needs no gradient).
+    folded iteration among ``total`` (iteration 1 can differ: when its ``h`` needs no gradient and
+    does not join the fold). ``roles`` give each node its place in its iteration: nodes of one role
+    are twins.
     """
 
     units: list[list[int]]
@@ -35,11 +37,18 @@ class Loop:
     first: int
     total: int
     source: SourceLine | None
-    stand_in: dict[int, int] = field(default_factory=dict)  # node in a folded iteration -> its drawn twin
+    roles: list[dict[int, int]] = field(default_factory=list, repr=False)
+    shown: int = -1  # index in ``units`` of the iteration drawn
+    _stand_in: dict[int, int] | None = field(default=None, repr=False)
 
     @property
     def drawn(self) -> list[int]:
-        return self.units[-1]
+        return self.units[self.shown]
+
+    @property
+    def drawn_number(self) -> int:
+        """The drawn iteration's 1-based number in the loop."""
+        return self.first + (self.shown % len(self.units))
 
     @property
     def count(self) -> int:
@@ -52,6 +61,26 @@ class Loop:
         if self.first == 1 and last == self.total:
             return f"{self.count} iterations"
         return f"iterations {self.first}…{last} of {self.total}"
+
+    def show(self, index: int) -> None:
+        """Draw the iteration ``units[index]`` for all (the one holding the first NaN/Inf gradient)."""
+        if index % len(self.units) != self.shown % len(self.units):
+            self.shown = index % len(self.units)
+            self._stand_in = None
+
+    @property
+    def stand_in(self) -> dict[int, int]:
+        """Each node of an iteration not drawn -> its twin in the drawn one."""
+        if self._stand_in is None:
+            drawn = _by_role(self.drawn, self.roles[self.shown])
+            self._stand_in = {}
+            for k, unit in enumerate(self.units):
+                if k == self.shown % len(self.units):
+                    continue
+                for role, ids in _by_role(unit, self.roles[k]).items():
+                    for copy, original in zip(ids, drawn[role]):
+                        self._stand_in[copy] = original
+        return self._stand_in
 
 
 def _local(node: TraceNode) -> tuple:
@@ -186,7 +215,7 @@ def _fold(nodes, consumers, carried: list[int], taken: set[int], min_iterations:
     lo, hi = best
     if hi - lo < min_iterations:
         return None
-    plain = None
+    entry: set[int] | None = None
     if lo == 1:
         # iteration 1 may differ only in where the carried input comes from: a tensor from before the
         # loop that no later iteration uses (the loop's entry), or nothing at all (h = zeros)
@@ -196,21 +225,15 @@ def _fold(nodes, consumers, carried: list[int], taken: set[int], min_iterations:
         if plain[0][0] == plain[1][0]:
             lo = 0
         else:
-            plain = None
+            entry = None
     folded = units[lo:hi]
     if any(i in taken for unit in folded for i in unit):
         return None
+    # roles comparable across every folded iteration (iteration 1's without the links it lacks)
+    roles = [r for _, r in _signatures(nodes, folded, iteration, drop=entry)] if entry is not None \
+        else [r for _, r in signatures[lo:hi]]
     source = nodes[carried[hi - 1]].source
-    loop = Loop(folded, carried[lo:hi], lo + 1, count, source)
-    drawn = _by_role(folded[-1], signatures[hi - 1][1])
-    for k in range(lo, hi - 1):
-        copies, originals = _by_role(units[k], signatures[k][1]), drawn
-        if k == 0 and plain is not None:
-            copies, originals = _by_role(units[0], plain[0][1]), _by_role(folded[-1], plain[1][1])
-        for role, ids in copies.items():
-            for copy, original in zip(ids, originals[role]):
-                loop.stand_in[copy] = original
-    return loop
+    return Loop(folded, carried[lo:hi], lo + 1, count, source, roles)
 
 
 def _by_role(unit: list[int], roles: dict[int, int]) -> dict[int, list[int]]:

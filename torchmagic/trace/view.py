@@ -156,8 +156,8 @@ class View:
                        "every layer's gradients are in the table and t.nodes")
         for loop in self.loops:
             where = f" at {loop.source}" if loop.source is not None else ""
-            out.append(f"loop{where}: {loop.iterations} drawn once (×{loop.count}), the last of them; "
-                       "every iteration's gradients are in t.nodes; --no-fold draws them all")
+            out.append(f"loop{where}: {loop.iterations} drawn once (×{loop.count}), as iteration "
+                       f"{loop.drawn_number}; every iteration's gradients are in t.nodes; --no-fold draws them all")
         return out
 
 
@@ -315,7 +315,10 @@ class _Planner:
 
     # -- step 3: folds. Loops first; then runs of sibling blocks among the calls left drawn
     def _stand_ins(self) -> None:
+        origin = next((n.id for n in self.nodes if n.nonfinite_origin), None)
         for loop in self.loops:
+            shown = next((k for k, unit in enumerate(loop.units) if origin in unit), -1)
+            loop.show(shown)  # the iteration where the first NaN/Inf gradient appeared, else the last
             self.stand_in.update(loop.stand_in)
         self.loops = [loop for loop in self.loops if not self._inside_one_box(loop)]
         if self.fold:
@@ -417,8 +420,8 @@ class _Planner:
                 common = _common_prefix(common, scope)
             loop_depth[f"loop{n}"] = len(common)
             where = f" · {loop.source}" if loop.source is not None else ""
-            clusters[f"loop{n}"] = Cluster(f"loop{n}", f"loop ×{loop.count} ({loop.iterations}; the last drawn)"
-                                           f"{where}", "loop")
+            clusters[f"loop{n}"] = Cluster(f"loop{n}", f"loop ×{loop.count} ({loop.iterations}; iteration "
+                                           f"{loop.drawn_number} drawn){where}", "loop")
         on_params = _on_params(self.nodes)
         for node in self.nodes:
             if node.id in self.stand_in or node.id in self.hidden:
