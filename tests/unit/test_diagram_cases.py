@@ -233,3 +233,18 @@ def test_a_loop_draws_the_iteration_where_the_first_nan_appeared():
     assert "first NaN/Inf gradient here" in dot and "iteration 4 drawn" in dot
     assert "!!!" in t.text()  # the plot marks the steps whose gradient is NaN
     truth.check(t)
+
+
+def test_html_stays_under_a_megabyte_with_hundreds_of_parameters_over_many_passes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(150)])
+    data = torch.randn(4, 8)
+    with torchmagic.trace(fold=False, depth=99) as t:
+        for _ in range(4):
+            model.zero_grad()
+            model(data).square().mean().backward()
+    assert len(t.grad_history) == 300 and len(t.nodes) > 500
+    html = t.html()
+    assert len(html.encode()) < 1_000_000
+    assert "250 more series not listed (max_rows=50)" in html
+    assert "tensors not listed (max_rows=50)" in t.text() and "250 more series not listed" in t.text()

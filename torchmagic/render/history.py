@@ -98,32 +98,54 @@ def _summary(values: Sequence[float]) -> tuple[str, str, str, str]:
     return format_number(values[0]), format_number(values[-1]), f"{low} … {high}", str(bad)
 
 
-def history_lines(history: Mapping[str, Sequence[tuple[int, float]]], column: str = "per pass") -> list[str]:
-    from .text import table
+def _bounded(history: Mapping[str, Sequence[tuple[int, float]]], max_rows: int) -> tuple[list, int]:
+    """At most ``max_rows`` series, those with NaN/Inf and the largest last values first, in their order."""
+    items = [(name, [v for _, v in entries]) for name, entries in history.items()]
 
+    def key(item):
+        values = item[1]
+        bad = any(not _finite(v) for v in values)
+        last = values[-1] if values and _finite(values[-1]) else -1.0
+        return (not bad, -last)
+
+    if len(items) <= max_rows:
+        return items, 0
+    chosen = {id(item) for item in sorted(items, key=key)[:max_rows]}
+    return [item for item in items if id(item) in chosen], len(items) - max_rows
+
+
+def history_lines(history: Mapping[str, Sequence[tuple[int, float]]], column: str = "per pass",
+                  max_rows: int = 50) -> list[str]:
+    from .text import more_line, table
+
+    items, left = _bounded(history, max_rows)
     rows = [("name", column, "first", "last", "range", "NaN/Inf")]
-    for name, entries in history.items():
-        values = [v for _, v in entries]
+    for name, values in items:
         _, log = scale(values)
         rows.append((name, sparkline(values) + (" (log)" if log else ""), *_summary(values)))
-    return table(rows)
+    return table(rows) + ([more_line(left, "series not listed", max_rows)] if left else [])
 
 
 def history_table(history: Mapping[str, Sequence[tuple[int, float]]], title: str = "gradient norm per backward pass",
-                  column: str = "per pass", width: int = 160) -> str:
+                  column: str = "per pass", width: int = 160, max_rows: int = 50) -> str:
+    from .text import more_line
+
     esc = html.escape
-    left, right = ' style="text-align:left"', ' style="text-align:right"'
+    items, left = _bounded(history, max_rows)
+    align_left, right = ' style="text-align:left"', ' style="text-align:right"'
     parts = [f'<p style="margin:6px 0 2px 0"><b>{esc(title)}</b></p>',
              '<table class="torchmagic-table torchmagic-history"><thead><tr>']
-    for header, align in (("name", left), (column, left), ("first", right), ("last", right),
+    for header, align in (("name", align_left), (column, align_left), ("first", right), ("last", right),
                           ("range", right), ("NaN/Inf", right)):
         parts.append(f"<th{align}>{header}</th>")
     parts.append("</tr></thead><tbody>")
-    for name, entries in history.items():
-        values = [v for _, v in entries]
+    for name, values in items:
         first, last, span, bad = _summary(values)
         cls = ' class="bad"' if bad != "0" else ""
-        parts.append(f"<tr{cls}><td{left}>{esc(name)}</td><td{left}>{sparkline_svg(values, width=width)}</td>"
-                     f"<td{right}>{first}</td><td{right}>{last}</td><td{right}>{esc(span)}</td><td{right}>{bad}</td></tr>")
+        parts.append(f"<tr{cls}><td{align_left}>{esc(name)}</td><td{align_left}>{sparkline_svg(values, width=width)}"
+                     f"</td><td{right}>{first}</td><td{right}>{last}</td><td{right}>{esc(span)}</td>"
+                     f"<td{right}>{bad}</td></tr>")
     parts.append("</tbody></table>")
+    if left:
+        parts.append(f"<p>{esc(more_line(left, 'series not listed', max_rows).strip())}</p>")
     return "".join(parts)

@@ -16,7 +16,7 @@ from .model import MissingGradient, PassInfo, TraceNode
 from .naming import Labeler
 from .recorder import Recorder
 
-SVG_BUDGET = 900_000  # bytes of SVG a display holds at most: with the tables, a page stays under 1 MB
+SVG_BUDGET = 800_000  # bytes of SVG a display holds at most: with the bounded tables, a page stays under 1 MB
 MAX_ROWS = 50  # default rows of the text view and the gradient table (the rest: "N more in t.nodes")
 SAVE_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".txt": "text"}
 
@@ -273,7 +273,7 @@ class Trace:
             from ..render.history import history_lines
 
             lines.append("gradient norm per backward pass:")
-            lines += history_lines(self.grad_history)
+            lines += history_lines(self.grad_history, max_rows=self.max_rows)
         return "\n".join(lines)
 
     def html(self) -> str:
@@ -287,7 +287,7 @@ class Trace:
         if len(self.passes) > 1 and self.grad_history:
             from ..render.history import history_table
 
-            history = history_table(self.grad_history)
+            history = history_table(self.grad_history, max_rows=self.max_rows)
         loops = loop_table(self.nodes, self.view().loops)
         table = gradient_table(self.nodes, self.missing, self.max_rows)
         return f'<div class="torchmagic-trace">{note}{self.svg()}{loops}{table}{history}</div>'
