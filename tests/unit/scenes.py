@@ -137,6 +137,25 @@ def dcgan_step(**view):
     return t
 
 
+def wgan_gp_step(**view):
+    """A WGAN-GP critic step: D on real data, on ``fake.detach()`` and on their mix, with the gradient penalty."""
+    torch.manual_seed(0)
+    D = nn.Sequential(nn.Linear(4, 8), nn.LeakyReLU(0.2), nn.Linear(8, 1))
+    G = nn.Sequential(nn.Linear(2, 4))
+    real, z, alpha = torch.randn(6, 4), torch.randn(6, 2), torch.rand(6, 1)
+    with torchmagic.trace(**view) as t:
+        fake = G(z)
+        d_real = D(real).mean()
+        d_fake = D(fake.detach()).mean()
+        interp = (alpha * real + (1 - alpha) * fake.detach()).requires_grad_(True)
+        d_interp = D(interp)
+        grads = torch.autograd.grad(d_interp.sum(), interp, create_graph=True)[0]
+        gp = ((grads.norm(2, dim=1) - 1) ** 2).mean()
+        loss_D = d_fake - d_real + 10 * gp
+        loss_D.backward()
+    return t
+
+
 def siamese(**view):
     """One encoder called on two inputs; both outputs named."""
     torch.manual_seed(0)

@@ -140,6 +140,17 @@ def test_dcgan_with_call_numbers_draws_each_discriminator_call_apart():
     truth.check(t)
 
 
+def test_wgan_gp_draws_d_real_and_d_fake_from_their_own_calls_not_from_d_of_the_mix():
+    t = scenes.fill_scope_by_calls(scenes.wgan_gp_step(depth=0), "D")
+    drawing = truth.check(t, paths=False)  # the penalty's double backward reads inside D(interp)
+    feeds = {name: [e.tail for e in drawing.edges if e.head == f"o{t.node(name).op_id}"]
+             for name in ("d_real", "d_fake", "d_interp")}
+    interp_call = next(e.tail for e in drawing.edges if e.head == f"t{t.node('d_interp').id}")
+    boxes = [feeds["d_real"], feeds["d_fake"]]
+    assert all(len(b) == 1 and drawing.boxes[b[0]].kind == "module" for b in boxes)
+    assert len({b[0] for b in boxes} | {interp_call}) == 3  # three calls, three boxes
+
+
 @pytest.mark.xfail(reason="needs recorder v2 scope", strict=True)
 @pytest.mark.parametrize("depth", [None, 0])
 def test_dcgan_step_has_no_false_edge(depth):

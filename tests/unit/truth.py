@@ -4,7 +4,10 @@
    that consumed it (or a tensor and itself, for an operation's arrow to its output), lying in
    the boxes at its two ends.
 2. No drawn path invents dataflow: between two boxes that each stand for one tensor, a path in
-   the drawing means the first tensor is computed into the second in the autograd graph.
+   the drawing means the first tensor is computed into the second in the autograd graph. (A
+   collapsed call is drawn as a function of all its inputs; where code outside a call reads its
+   inner tensors, as a gradient penalty's double backward does, that reading is not a path of the
+   call: such graphs are checked with ``paths=False``.)
 3. Every named tensor is drawn, or listed by the box that stands for it (a fold's "also h (1…39)",
    a collapsed call's "inside: …", a module box for its own parameters).
 """
@@ -62,7 +65,7 @@ def mentions(text: str, name: str) -> bool:
     return False
 
 
-def check(trace, max_nodes: int = 100_000, drawing: Drawing | None = None) -> Drawing:
+def check(trace, max_nodes: int = 100_000, drawing: Drawing | None = None, paths: bool = True) -> Drawing:
     """Assert the three properties for ``trace``'s current view (or for ``drawing`` of it); returns the
     drawing checked."""
     nodes = trace.nodes
@@ -81,7 +84,7 @@ def check(trace, max_nodes: int = 100_000, drawing: Drawing | None = None) -> Dr
     out_edges: dict[str, list[str]] = {}
     for edge in drawing.edges:
         out_edges.setdefault(edge.tail, []).append(edge.head)
-    single = {name: box.members[0] for name, box in boxes.items() if len(set(box.members)) == 1}
+    single = {name: box.members[0] for name, box in boxes.items() if len(set(box.members)) == 1} if paths else {}
     for start, tensor in single.items():
         seen, stack = {start}, [start]
         while stack:
