@@ -174,7 +174,7 @@ class Trace:
         self._view = None
         return self
 
-    def loops(self):
+    def loops(self) -> list:
         """The loops whose iterations fold in the diagram (``torchmagic.trace.loops.Loop``), found once."""
         if self._loops is None:
             from .loops import find_loops
