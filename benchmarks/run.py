@@ -164,7 +164,7 @@ def speed(smoke: bool, repeat: int) -> None:
 
     # diagrams: ours (statistics + view + layout + SVG) next to torchviz make_dot + the same renderer
     chain = 50 if smoke else 500
-    with torchmagic.trace(max_nodes=chain + 10) as t:
+    with torchmagic.trace(max_nodes=chain + 10, fold=False) as t:  # every node drawn, as torchviz does
         h = leaf
         for _ in range(chain):
             h = torch.tanh(h)
@@ -218,6 +218,104 @@ def live_rows(training_loop, steps: int, repeat: int) -> None:
     row(f"--stop-on-nan (traced) / plain, the {steps}-step loop", f"{ours / plain:.2f}x", "cheaper than anomaly")
     plain, theirs = paired(training_loop, anomaly, repeat, warmup=1)
     row("  torch.autograd.detect_anomaly / plain, the same loop", f"{theirs / plain:.2f}x", "reported")
+
+
+def rnn_trace(steps: int, **view):
+    """The hand-written RNN loop of issue 11: ``h = tanh(xs[t] @ Wx + h @ Wh + b)``, ``steps`` times."""
+    torch.manual_seed(0)
+    xs = torch.randn(steps, 1, 8)
+    Wx = torch.randn(8, 16, requires_grad=True)
+    Wh = (torch.randn(16, 16) * 0.3).requires_grad_()
+    b = torch.zeros(16, requires_grad=True)
+    with torchmagic.trace(**view) as t:
+        h = torch.zeros(1, 16)
+        for step in range(steps):
+            h = torch.tanh(xs[step] @ Wx + h @ Wh + b)
+        h.pow(2).sum().backward()
+    return t
+
+
+def display_seconds(trace) -> tuple[float, dict[str, str]]:
+    """What a notebook cell pays to show a fresh trace: text, SVG and HTML (statistics, loops, view, layout)."""
+    start = time.perf_counter()
+    bundle = trace._repr_mimebundle_()
+    return time.perf_counter() - start, bundle
+
+
+def diagrams(smoke: bool) -> None:
+    """Issue 11: loops folded by iteration, a 500-box layout, a 20,000-op display, the layout worker."""
+    from torchmagic.errors import LayoutTimeout
+    from torchmagic.render import drawing
+    from torchmagic.render.drawing import draw
+
+    steps = 40 if smoke else 200
+    seconds, bundle = display_seconds(rnn_trace(steps))
+    row(f"display time, {steps}-step RNN loop ({steps * 5 + 5} tensors), folded by iteration", f"{seconds:.3f} s",
+        "target < 1 s")
+    seconds, bundle = display_seconds(rnn_trace(steps, fold=False))
+    row("  the same unrolled (--no-fold, max_nodes 500)", f"{seconds:.3f} s",
+        f"{len(bundle.get('text/html', '')) / 1e3:.0f} KB HTML")
+
+    steps = 20 if smoke else 100
+    t = rnn_trace(steps, fold=False, max_nodes=600)
+    boxes = draw(t.nodes, t.view(), 600).boxes.values()
+    tensors = sum(box.kind in ("op", "tensor", "module") for box in boxes)
+    repeats = sum(box.kind == "ref" for box in boxes)
+    source = t.to_dot()
+    render_svg(source)  # the worker is warm, as after a notebook's first diagram
+    seconds = timeit(lambda: render_svg(source), 3)
+    row(f"layout + SVG, {tensors}-box diagram ({steps}-step loop unrolled; +{repeats} small weight repeats)",
+        f"{seconds:.3f} s", "target < 1 s")
+    limit = 2.0 if smoke else 10.0
+    saved = drawing.REFERENCE_FANOUT
+    drawing.REFERENCE_FANOUT = 10**9
+    try:
+        slow = rnn_trace(steps, fold=False, max_nodes=600).to_dot()
+        start = time.perf_counter()
+        render_svg(slow, timeout=limit)
+        value = f"{time.perf_counter() - start:.3f} s"
+    except LayoutTimeout:
+        value = f"> {limit:g} s (stopped)"
+    finally:
+        drawing.REFERENCE_FANOUT = saved
+    row("  the same with each weight drawn once (edges across every step)", value, "why weights repeat")
+
+    ops = 2000 if smoke else 20000
+    leaf = torch.randn(100, 100, requires_grad=True)
+    for fold in (True, False):
+        with torchmagic.trace(fold=fold) as t:
+            h = leaf
+            for i in range(ops):
+                h = h * 1.0001 if i % 2 else h + 0.001
+            h.sum().backward()
+        seconds, bundle = display_seconds(t)
+        sizes = " / ".join(f"{len(bundle[k].encode()) / 1e3:.0f}" for k in ("text/plain", "image/svg+xml", "text/html"))
+        how = "folded" if fold else "unrolled, max_nodes 500"
+        row(f"display, {ops}-op trace ({how}): time; text / SVG / HTML KB", f"{seconds:.2f} s  {sizes}",
+            "HTML < 1,000 KB")
+
+    import pygraphviz
+
+    small = rnn_trace(3).to_dot()
+
+    def in_process():  # fd 2 silenced around it: the bundled fontconfig warns once per process
+        saved = os.dup(2)
+        with open(os.devnull, "wb") as sink:
+            os.dup2(sink.fileno(), 2)
+            try:
+                pygraphviz.AGraph(string=small).draw(format="svg", prog="dot")
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+
+    in_process()
+    plain, ours = paired(in_process, lambda: render_svg(small), max(5, 20 if not smoke else 5))
+    row("small diagram: worker process / in-process layout (bounded vs not)", f"{ours / plain:.2f}x",
+        f"{(ours - plain) * 1e3:+.1f} ms each")
+    code = ("import time; from torchmagic.render.svg import render_svg\n"
+            "s = time.perf_counter(); render_svg('digraph { a -> b }'); print(time.perf_counter() - s)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    row("first diagram of a session: starting the layout worker", f"{float(done.stdout) * 1e3:.0f} ms", "once")
 
 
 def conversion(smoke: bool, repeat: int) -> None:
@@ -369,6 +467,7 @@ def main() -> None:
     print(f"torchmagic benchmark · torch {torch.__version__} · {platform.machine()} · {os.cpu_count()} CPUs · "
           f"{torch.get_num_threads()} threads{' · smoke sizes' if smoke else ''}")
     speed(smoke, repeat)
+    diagrams(smoke)
     torchlens_row(smoke, repeat)
     conversion(smoke, repeat)
     ipython_costs(smoke, repeat)

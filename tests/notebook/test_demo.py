@@ -24,7 +24,7 @@ def test_demo_runs_and_keeps_its_diagrams(tmp_path, capfd):
     assert errors == []
     traced = [c for c in notebook.cells if c.cell_type == "code"
               and (c.source.startswith("%%autograd_trace") or "loss.backward()" in c.source and "opt.step()" in c.source)]
-    assert len(traced) == 7
+    assert len(traced) == 9
     for cell in traced:
         svgs = [o for o in cell.outputs if o.output_type == "display_data" and "image/svg+xml" in o["data"]]
         assert svgs, f"no diagram under: {cell.source[:40]!r}"
@@ -38,3 +38,6 @@ def test_demo_runs_and_keeps_its_diagrams(tmp_path, capfd):
     assert "TransformerEncoderLayer ×" in html and "drawn collapsed" in html
     assert "200 backward passes, graph of the last shown; same structure each pass" in html
     assert "gradient norm per backward pass" in html and "<polyline" in html
+    # part 12: the RNN loop drawn as one iteration with its recurrent edge and per-step gradient plot
+    assert html.count("loop ×50") >= 2 and "next iteration" in html
+    assert html.count("grad norm of h per iteration (log scale)") >= 2 and "gradient norm per loop iteration" in html

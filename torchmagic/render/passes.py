@@ -7,7 +7,7 @@ import html
 from collections.abc import Sequence
 
 from ..trace.model import PassInfo, TraceNode, _format_number
-from .dot import shape_only
+from .describe import shape_only
 
 MAX_PASS_LINES = 8  # a training loop's passes are summarised, not listed one by one
 

@@ -530,8 +530,8 @@ class Builder:
         numbers = {path: {index: rank + 1 for rank, index in enumerate(sorted(indices))}
                    for path, indices in seen.items()}
         for trace_id, pairs in calls.items():
-            scope = tuple((paths[id(module)], numbers[paths[id(module)]][index]) for module, index in pairs
-                          if id(module) in paths)
+            scope = _with_containers(tuple((paths[id(module)], numbers[paths[id(module)]][index])
+                                           for module, index in pairs if id(module) in paths))
             if scope:
                 nodes[trace_id].scope = scope
                 nodes[trace_id].module = scope[-1][0]
@@ -562,6 +562,21 @@ def build(recorder: Recorder, namespace: Mapping[str, Any] | None = None, labele
             return Builder(recorder, namespace, labeler, extra_roots).run()
     finally:
         recorder.release()
+
+
+def _with_containers(scope: tuple[tuple[str, int], ...]) -> tuple[tuple[str, int], ...]:
+    """The scope with the modules around each call that were never called themselves (a
+    ``ModuleList``, or ``model`` when the code calls ``model.blocks[0]`` directly), as one call each,
+    so that it follows the module tree from the top."""
+    full: list[tuple[str, int]] = []
+    present = {path for path, _ in scope}
+    for path, number in scope:
+        for prefix in _prefixes(path)[:-1]:
+            if prefix not in present:
+                present.add(prefix)
+                full.append((prefix, 1))
+        full.append((path, number))
+    return tuple(full)
 
 
 def _prefixes(path: str) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from .model import MissingGradient, PassInfo, TraceNode
 from .naming import Labeler, snapshot
 from .recorder import Recorder
 
+SVG_BUDGET = 800_000  # bytes of SVG a display holds at most: with the bounded tables, a page stays under 1 MB
+MAX_ROWS = 50  # default rows of the text view and the gradient table (the rest: "N more in t.nodes")
 SAVE_FORMATS = {".svg": "svg", ".dot": "dot", ".gv": "dot", ".txt": "text"}
 
 
@@ -58,7 +61,8 @@ class Trace(TraceChecks):
                  stop_on_nan: bool = False) -> None:
         self.max_nodes = max_nodes
         self.stop_on_nan = stop_on_nan
-        self.layout_timeout = 10.0  # seconds a big diagram's layout may take before it is stopped
+        self.layout_timeout = 10.0  # seconds any diagram's layout may take before it is stopped
+        self.max_rows = MAX_ROWS  # rows the text view and the gradient table list at most
         self.depth = depth  # None: the deepest module level that keeps the diagram readable
         self.expand = tuple(expand)
         self.fold = fold
@@ -71,7 +75,9 @@ class Trace(TraceChecks):
         self._stats_done = False
         self._recorder: Recorder | None = None
         self._svg: str | None = None
+        self._svg_error: Exception | None = None  # a layout that failed is not tried again for the same view
         self._view = None  # the View for the current settings, computed once per display
+        self._loops = None  # the loops found in the graph, whatever the view
 
     # -- recording ----------------------------------------------------------------------
     def recorder(self) -> Recorder:
@@ -91,7 +97,9 @@ class Trace(TraceChecks):
         self._data = None
         self._stats_done = False
         self._svg = None
+        self._svg_error = None
         self._view = None
+        self._loops = None
         return self
 
     def __enter__(self) -> Trace:
@@ -269,17 +277,29 @@ class Trace(TraceChecks):
         return " · ".join(parts)
 
     def set_view(self, *, depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True,
-                 max_nodes: int | None = None) -> Trace:
-        """Change how the diagram shows modules (``depth``, ``expand``, ``fold``) and its size limit."""
+                 max_nodes: int | None = None, max_rows: int | None = None) -> Trace:
+        """Change how the diagram shows modules (``depth``, ``expand``, ``fold``), its size limit and
+        how many rows the text view and the gradient table list."""
         self.depth, self.expand, self.fold = depth, tuple(expand), fold
         if max_nodes is not None:
             self.max_nodes = max_nodes
+        if max_rows is not None:
+            self.max_rows = max_rows
         self._svg = None
+        self._svg_error = None
         self._view = None
         return self
 
+    def loops(self) -> list:
+        """The loops whose iterations fold in the diagram (``torchmagic.trace.loops.Loop``), found once."""
+        if self._loops is None:
+            from .loops import find_loops
+
+            self._loops = find_loops(self.nodes)
+        return self._loops
+
     def view(self):
-        """How the diagram shows modules: clusters, collapsed modules, folded repeats (a ``View``)."""
+        """How the diagram shows modules: clusters, collapsed module calls, folded repeats (a ``View``)."""
         if self._view is not None:
             return self._view
         from .view import AUTO_DEPTH_NODES, plan
@@ -287,15 +307,17 @@ class Trace(TraceChecks):
         origin = self.nonfinite_origin
         reveal = origin.module if origin is not None and origin.module and self.depth is None else None
         self._view = plan(self.nodes, self.modules, depth=self.depth, expand=self.expand, fold=self.fold,
-                          auto_target=min(AUTO_DEPTH_NODES, self.max_nodes), reveal=reveal)
+                          auto_target=min(AUTO_DEPTH_NODES, self.max_nodes), reveal=reveal,
+                          loops=self.loops() if self.fold else None)
         return self._view
 
-    def _diagram(self):
+    def _diagram(self, max_nodes: int | None = None, note: str = ""):
         from ..render.dot import to_digraph
 
         view = self.view()
-        return to_digraph(self.nodes, title=self.title(), max_nodes=self.max_nodes, view=view,
-                          notes=view.notes()), view
+        notes = view.notes() + ([note] if note else [])
+        return to_digraph(self.nodes, title=self.title(), max_nodes=max_nodes or self.max_nodes, view=view,
+                          notes=notes), view
 
     @property
     def digraph(self):
@@ -314,43 +336,69 @@ class Trace(TraceChecks):
         return to_digraph(self.nodes, title=self.title(), max_nodes=len(self.nodes) or 1, view=view).source
 
     def svg(self) -> str:
-        """The diagram as SVG text, laid out in-process (no system Graphviz needed); a big one in a
-        child process stopped after ``layout_timeout`` seconds (LayoutTimeout)."""
+        """The diagram as SVG text, laid out in a worker process (no system Graphviz needed) and
+        stopped after ``layout_timeout`` seconds (LayoutTimeout), so showing a trace never freezes.
+        A diagram too big for a page (over SVG_BUDGET bytes) is drawn again with fewer boxes."""
+        if self._svg_error is not None:
+            raise self._svg_error
         if self._svg is None:
+            from ..errors import LayoutTimeout
             from ..render.svg import render_svg
 
+            start = time.perf_counter()
             graph, view = self._diagram()
-            boxes = min(view.box_count, self.max_nodes)
-            self._svg = render_svg(graph.source, boxes=boxes, timeout=self.layout_timeout)
+            limit = self.max_nodes
+            try:
+                svg = render_svg(graph.source, timeout=self.layout_timeout)
+                for _ in range(2):
+                    if len(svg) <= SVG_BUDGET:
+                        break
+                    limit = max(10, int(limit * SVG_BUDGET / len(svg) * 0.85))
+                    note = (f"drawn with at most {limit} tensors to keep the page under "
+                            f"{SVG_BUDGET // 1000} KB (max_nodes={self.max_nodes}); the trace keeps them all")
+                    graph, view = self._diagram(limit, note)
+                    left = self.layout_timeout - (time.perf_counter() - start)
+                    svg = render_svg(graph.source, timeout=max(left, 0.001))
+                self._svg = svg
+            except LayoutTimeout as error:
+                boxes = min(view.box_count, limit)
+                self._svg_error = LayoutTimeout(
+                    f"laying out {boxes} boxes took over {self.layout_timeout:g} s and was stopped; the text view "
+                    "shows the graph (--depth, --max-nodes or --save trace.dot for a smaller or offline diagram)")
+                raise self._svg_error from error
         return self._svg
 
     def text(self) -> str:
-        """Graph and gradient table as aligned text (what a terminal shows)."""
+        """Graph and gradient table as aligned text (what a terminal shows), at most ``max_rows`` rows each."""
         from ..render.passes import leaf_grad_lines, pass_lines
-        from ..render.text import gradient_lines, graph_lines
+        from ..render.text import gradient_lines, graph_lines, loop_lines
 
+        view = self.view()
         lines = [self.title()]
         if self.error:
             lines.append(f"  the code raised {self.error}; showing what ran")
         lines += pass_lines(self.passes, self.notes)
         lines.append("graph (inputs first):")
-        lines += graph_lines(self.nodes, self.max_nodes, self.view())
-        grads = gradient_lines(self.nodes, self.missing) + leaf_grad_lines(self.nodes)
+        lines += graph_lines(self.nodes, self.max_rows, view)
+        grads = gradient_lines(self.nodes, self.missing, self.max_rows) + leaf_grad_lines(self.nodes)
         if grads:
             lines.append("gradients:")
             lines += grads
+        if view.loops:
+            lines.append("gradient norm per loop iteration:")
+            lines += loop_lines(self.nodes, view.loops)
         if len(self.passes) > 1 and self.grad_history:
             from ..render.history import history_lines
 
             lines.append("gradient norm per backward pass:")
-            lines += history_lines(self.grad_history)
+            lines += history_lines(self.grad_history, max_rows=self.max_rows)
         return "\n".join(lines)
 
     def html(self) -> str:
-        """Diagram (inline SVG) and gradient table as one HTML fragment."""
+        """Diagram (inline SVG), loop plots and gradient table as one HTML fragment."""
         import html as html_module
 
-        from ..render.html import gradient_table
+        from ..render.html import gradient_table, loop_table
         from ..render.passes import leaf_grad_html, pass_html
 
         note = f"<p><b>the code raised</b> {html_module.escape(self.error)}; showing what ran</p>" if self.error else ""
@@ -359,9 +407,10 @@ class Trace(TraceChecks):
         if len(self.passes) > 1 and self.grad_history:
             from ..render.history import history_table
 
-            history = history_table(self.grad_history)
-        table = gradient_table(self.nodes, self.missing) + leaf_grad_html(self.nodes)
-        return f'<div class="torchmagic-trace">{note}{self.svg()}{table}{history}</div>'
+            history = history_table(self.grad_history, max_rows=self.max_rows)
+        loops = loop_table(self.nodes, self.view().loops)
+        table = gradient_table(self.nodes, self.missing, self.max_rows) + leaf_grad_html(self.nodes)
+        return f'<div class="torchmagic-trace">{note}{self.svg()}{loops}{table}{history}</div>'
 
     def save(self, path: str | Path) -> Path:
         """Write the diagram as .svg, the whole graph as .dot/.gv, or the text view as .txt (by extension)."""
