@@ -38,7 +38,11 @@ class TorchMagic(Configurable):
 
     layout_timeout = Float(
         10.0, min=0.0,
-        help="Seconds a big diagram's layout may take; it then stops and the text view is shown.",
+        help="Seconds any diagram's layout may take; it then stops and the text view is shown with the reason.",
+    ).tag(config=True)
+    max_rows = Int(
+        50, min=1, help="Rows the text view, the gradient table and the per-pass plots list at most (NaN/Inf, "
+                        "outputs, named tensors and the largest gradients first; every tensor stays in t.nodes).",
     ).tag(config=True)
     max_nodes = Int(500, min=1, help="Diagrams draw at most this many tensors; the rest are summarised.").tag(config=True)
     small_values = Int(

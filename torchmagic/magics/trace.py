@@ -113,6 +113,7 @@ class Recording:
                       small_values=options.small_values, cell=cell, depth=view.depth, expand=view.expand,
                       fold=view.fold)
         trace.layout_timeout = options.layout_timeout
+        trace.max_rows = options.max_rows
         roots = [self.value] if isinstance(self.value, torch.Tensor) else []
         self.value = None
         try:
