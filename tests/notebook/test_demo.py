@@ -20,11 +20,13 @@ def test_demo_runs_and_keeps_its_diagrams(tmp_path, capfd):
     html_path = run(ROOT / "demo.ipynb", tmp_path)
     assert "without encryption" not in capfd.readouterr().err  # `make demo` is a new user's first command
     notebook = nbformat.read(tmp_path / "demo.ipynb", as_version=4)
-    errors = [o for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
-    assert errors == []
+    errors = [(c, o) for c in notebook.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
+    # only part 13 raises, on purpose: --stop-on-nan stops its exploding training loop
+    assert [o["ename"] for _, o in errors] == ["NonFiniteGradient"]
+    assert "raises-exception" in errors[0][0].metadata.get("tags", [])
     traced = [c for c in notebook.cells if c.cell_type == "code"
               and (c.source.startswith("%%autograd_trace") or "loss.backward()" in c.source and "opt.step()" in c.source)]
-    assert len(traced) == 9
+    assert len(traced) == 10
     for cell in traced:
         svgs = [o for o in cell.outputs if o.output_type == "display_data" and "image/svg+xml" in o["data"]]
         assert svgs, f"no diagram under: {cell.source[:40]!r}"
@@ -41,3 +43,11 @@ def test_demo_runs_and_keeps_its_diagrams(tmp_path, capfd):
     # part 12: the RNN loop drawn as one iteration with its recurrent edge and per-step gradient plot
     assert html.count("loop ×50") >= 2 and "next iteration" in html
     assert html.count("grad norm of h per iteration (log scale)") >= 2 and "gradient norm per loop iteration" in html
+    # part 13: the live view, replaced by the trace of what ran until --stop-on-nan stopped it
+    live_cell = errors[0][0]
+    displays = [o for o in live_cell.outputs if o.output_type == "display_data"]
+    assert len(displays) == 1  # one display, updated in place (nbclient applies the updates to it)
+    assert displays[0]["data"]["text/plain"].startswith("autograd trace of") and "image/svg+xml" in displays[0]["data"]
+    message = errors[0][1]["evalue"]
+    assert "computed a NaN/Inf gradient" in message and "an exploding gradient" in message
+    assert "stopped at step 14; the trace keeps every pass so far: 15" in html

@@ -397,3 +397,13 @@ def test_statistics_of_big_gradients_match_torch(bad):
         assert summary.mean == pytest.approx(grad.mean().item(), abs=1e-6)
         assert (summary.min, summary.max) == (grad.min().item(), grad.max().item())
         assert summary.norm == pytest.approx(grad.norm().item(), rel=1e-5)
+
+
+def test_finite_gradients_whose_float32_norm_overflows_are_not_called_infinite():
+    big = torch.full((4, 4), 3e20)
+    summary = summarize(big)
+    assert summary.finite and summary.norm == pytest.approx(4 * 3e20) and summary.mean == pytest.approx(3e20)
+    pending = PendingSummary(big).resolve()
+    assert pending.finite and pending.norm == pytest.approx(4 * 3e20)
+    many = summarize_many([torch.full((100, 100), 3e20)])[0]
+    assert many.finite and many.norm == pytest.approx(100 * 3e20)

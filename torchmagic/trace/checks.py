@@ -56,7 +56,8 @@ _NONFINITE_HINTS = {
     "atan2": "the derivative of atan2(y, x) is NaN at y == x == 0",
 }
 
-_EXCERPT_LINES = 40  # a text view up to this long goes into a message whole
+_EXCERPT_LINES = 40
+_HUGE = 1e12  # a finite gradient this large feeding an overflow is an exploding one  # a text view up to this long goes into a message whole
 
 
 @dataclass
@@ -516,6 +517,10 @@ class TraceChecks:
             lines.append(f"it came out of the backward of {_named_call(consumer, self.nodes)}{_at(consumer)}")
             if consumer.grad is not None:
                 lines.append(f"fed by the gradient of {_ref(consumer)}, which was finite: {consumer.grad.short()}")
+                largest = max(abs(consumer.grad.min), abs(consumer.grad.max))
+                if consumer.grad.finite and largest > _HUGE:
+                    lines.append(f"that gradient was already huge (|g| up to {format_values(largest)}): its product "
+                                 "overflowed float32; an exploding gradient (a learning rate too high, no clipping?)")
             others = [self.nodes[i] for i in consumer.inputs if i != origin.id]
             if others:
                 lines.append(f"its other inputs: {', '.join(dict.fromkeys(_ref(o) for o in others))}")

@@ -120,6 +120,8 @@ def _summarize_group(tensors, indices, small_values, results) -> None:
         tensor = tensors[i]
         numel = tensor.numel()
         total, high, low, norm, nan_count, inf_count = (row[j] for row in stats)
+        if not nan_count and not inf_count and not (math.isfinite(total) and math.isfinite(norm)):
+            total, norm = _in_float64(tensor)  # finite values, overflowed sum or norm
         values = None
         if small is not None:
             values = torch.tensor(small[j]).reshape(tensor.shape).tolist() if tensor.dim() else small[j][0]
@@ -142,6 +144,8 @@ def _summarize_big(tensors, indices, results) -> None:
         nan_count = inf_count = 0
         if not (math.isfinite(total) and math.isfinite(low) and math.isfinite(high) and math.isfinite(norm)):
             nan_count, inf_count = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+            if not nan_count and not inf_count:  # finite values whose sum or norm overflowed float32
+                total, norm = _in_float64(tensor)
         numel = tensor.numel()
         results[i] = GradientSummary(tuple(tensor.shape), numel, total / numel, low, high, norm, nan_count, inf_count)
 
@@ -151,6 +155,11 @@ def _as_real(tensor: torch.Tensor) -> torch.Tensor:
     if tensor.dtype not in (torch.float64, torch.float32):
         tensor = tensor.float()
     return tensor
+
+
+def _in_float64(tensor: torch.Tensor) -> tuple[float, float]:
+    """Sum and norm of a tensor whose values are finite but whose float32 sum or norm overflowed."""
+    return tensor.sum(dtype=torch.float64).item(), torch.linalg.vector_norm(tensor, dtype=torch.float64).item()
 
 
 def norms_of(gradients: Sequence[Any]) -> list[Any]:
@@ -237,6 +246,8 @@ class PendingSummary:
             stats = [total.item(), low.item(), high.item(), norm.item()]
             if not all(math.isfinite(v) for v in stats):
                 stats += [float(torch.isnan(data).sum()), float(torch.isinf(data).sum())]
+                if not stats[4] and not stats[5] and data.is_floating_point():
+                    stats[0], stats[3] = _in_float64(data)  # finite values, overflowed sum or norm
             self.stats = stats
         else:  # no device sync now: count NaN/Inf always, read everything back later
             self.stats = torch.stack([total, low, high, norm.to(total.dtype), torch.isnan(data).sum().to(total.dtype),
