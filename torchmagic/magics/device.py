@@ -52,6 +52,18 @@ class DeviceMagics(SessionMagics):
         cannot move, nothing has moved and the default device is unchanged.
         A non-CPU default device makes torch route every factory call through a mode that
         fills in device=, a small cost on every torch call (see benchmarks/run.py).
+
+        In a terminal (``meta`` tensors have shapes and no data, on every machine)::
+
+            In [1]: %load_ext torchmagic
+
+            In [2]: import torch
+
+            In [3]: %%device meta
+               ...: m = torch.ones(2)
+
+            In [4]: m.device, torch.ones(1).device
+            Out[4]: (device(type='meta'), device(type='cpu'))
         """
         __tracebackhide__ = True  # noqa: F841
         args = parse_argstring(self.device, line)

@@ -62,6 +62,24 @@ class TensorMagics(SessionMagics):
         report says which, and why. Empty lists, tuples and anything else are left alone, and so
         is data that would not convert exactly (a list that contains itself, integers outside
         int64, a NumPy dtype torch lacks), with the reason.
+
+        In a terminal::
+
+            In [1]: %load_ext torchmagic
+
+            In [2]: import numpy as np
+
+            In [3]: t = %tensor [[1, 2], [3, 4]]
+
+            In [4]: t.dtype
+            Out[4]: torch.int64
+
+            In [5]: %%tensor --quiet
+               ...: a = np.arange(3.0)
+               ...: a[0] = 7.0
+
+            In [6]: a
+            Out[6]: tensor([7., 1., 2.], dtype=torch.float64)
         """
         __tracebackhide__ = True  # noqa: F841
         option_text, expression = split_leading_options(line)

@@ -170,8 +170,30 @@ class TraceMagics(SessionMagics):
 
         As a cell magic, traces that cell: a diagram of the graph (your variable names, module
         paths for parameters, source lines on hover) and a table of every gradient, with NaN/Inf
-        flagged and the first non-finite gradient marked. Hooks are placed on the graph only
-        while backward runs and removed afterwards; your tensors are not changed.
+        flagged and the first non-finite gradient marked. Nothing is written on your tensors or
+        their graph, and the cell computes exactly what it computes untraced.
+
+        In a terminal (a notebook draws the diagram too)::
+
+            In [1]: %load_ext torchmagic
+
+            In [2]: %%autograd_trace --text
+               ...: import torch
+               ...: x = torch.tensor([1.0, 2.0], requires_grad=True)
+               ...: y = x * x
+               ...: loss = y.sum()
+               ...: loss.backward()
+            autograd trace of In [2] · 3 tensors, 2 ops · 1 backward pass
+            graph (inputs first):
+              x     =  tensor     (2,) float32          grad [2, 4]
+              y     =  mul(x, x)  (2,) float32          grad [1, 1]
+              loss  =  sum(y)     () float32    output  grad 1
+            gradients:
+            ...
+
+            In [3]: %autograd_trace show --text
+            autograd trace of In [2] · 3 tensors, 2 ops · 1 backward pass
+            ...
         """
         __tracebackhide__ = True  # noqa: F841
         args = parse_argstring(self.autograd_trace, line)

@@ -1,4 +1,5 @@
-"""Runs the IPython sessions in docs/*.md cell by cell in a real shell, as ipdoctest collects them.
+"""Runs the IPython sessions in docs/*.md and in the magics' docstrings cell by cell in a real
+shell, as ipdoctest collects them (a root conftest: the magics' modules are collected too).
 
 IPython's ipdoctest plugin finds the ``In [N]:`` examples and compares their output, but on
 its own it execs each one as plain Python in a shell that never runs a cell: no
