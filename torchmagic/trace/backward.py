@@ -231,21 +231,35 @@ def estimate_bytes(edges: Sequence[Edge], step: int = 16) -> float:
     return total * len(edges) / max(1, len(sample))
 
 
+def post_order(roots: Sequence[Any], nexts: dict[Any, tuple]) -> list[Any]:
+    """Nodes reachable from ``roots``, inputs before the ops that consume them; ``nexts`` maps a node
+    to its ``next_functions`` and is filled in for nodes it lacks (reading that costs about 1 us)."""
+    order: list[Any] = []
+    done: set[Any] = set()
+    for root in dict.fromkeys(roots):
+        stack = [(root, False)]
+        while stack:
+            node, expanded = stack.pop()
+            if expanded:
+                order.append(node)
+                continue
+            if node in done:
+                continue
+            done.add(node)
+            children = nexts.get(node)
+            if children is None:
+                children = nexts[node] = node.next_functions
+            stack.append((node, True))
+            for child, _ in reversed(children):
+                if child is not None and child not in done:
+                    stack.append((child, False))
+    return order
+
+
 def needed_edges(roots: Sequence[Edge], targets: set[Any]) -> list[Edge]:
     """For ``autograd.grad``: the edges into nodes the engine runs (on a path from a root to an input)."""
     children: dict[Any, tuple] = {}
-    order: list[Any] = []
-    stack = [(node, False) for node, _ in roots if node is not None]
-    while stack:
-        node, done = stack.pop()
-        if done:
-            order.append(node)
-            continue
-        if node in children:
-            continue
-        children[node] = node.next_functions
-        stack.append((node, True))
-        stack.extend((child, False) for child, _ in children[node] if child is not None and child not in children)
+    order = post_order([node for node, _ in roots if node is not None], children)
     needed: dict[Any, bool] = {}
     for node in order:  # children first
         needed[node] = node in targets or any(needed.get(child, False) for child, _ in children[node]

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .backward import ACCUMULATE_GRAD, HOOK_WRAPPER, PassRecord
+from .backward import ACCUMULATE_GRAD, HOOK_WRAPPER, PassRecord, post_order
 from .forward import ForwardLog, Location, op_name
 from .model import MissingGradient, PassInfo, SourceLine, TraceNode
 from .naming import Labeler, NamespaceNames, source_line
@@ -132,7 +132,7 @@ class Builder:
     def run(self) -> dict[str, Any]:
         roots = self.roots()
         nexts = self.adjacency()
-        order = self.post_order([node for node, _ in roots], nexts)
+        order = post_order([node for node, _ in roots], nexts)
         alias = self.hook_wrappers(order, nexts)
         roots = list(dict.fromkeys(alias.get(edge, edge) for edge in roots))
         gradients = self.gradients(alias)
@@ -174,31 +174,6 @@ class Builder:
         """Filled in by the walk below (passes keep no adjacency: each kept object costs the
         garbage collector a visit at every full collection)."""
         return {}
-
-    @staticmethod
-    def post_order(roots: list[Any], nexts: dict[Any, tuple]) -> list[Any]:
-        """Nodes reachable from ``roots``, inputs before the ops that consume them (``nexts`` is
-        filled in for nodes no pass walked)."""
-        order: list[Any] = []
-        done: set[Any] = set()
-        for root in dict.fromkeys(roots):
-            stack = [(root, False)]
-            while stack:
-                node, expanded = stack.pop()
-                if expanded:
-                    order.append(node)
-                    continue
-                if node in done:
-                    continue
-                done.add(node)
-                children = nexts.get(node)
-                if children is None:
-                    children = nexts[node] = node.next_functions
-                stack.append((node, True))
-                for child, _ in reversed(children):
-                    if child is not None and child not in done:
-                        stack.append((child, False))
-        return order
 
     @staticmethod
     def hook_wrappers(order: list[Any], nexts: dict[Any, tuple]) -> dict[tuple[Any, int], tuple[Any, int]]:
@@ -253,7 +228,7 @@ class Builder:
         if not inner_nodes:
             return set()
         outer_roots = [node for record in self.kept for node, _ in record.roots]
-        outer = set(self.post_order(outer_roots, dict(nexts)))
+        outer = set(post_order(outer_roots, dict(nexts)))
         return inner_nodes - outer
 
     def make_nodes(self, order, nexts, alias, roots, gradients, seqs, edge_names, recomputed):

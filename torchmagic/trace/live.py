@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..display import TextAndHtml
 from ..render.history import sparkline, sparkline_svg
 from .model import _format_number
 
@@ -25,7 +26,7 @@ MAX_MODULE_ROWS = 12  # a live view is a glance: the modules with the largest gr
 MAX_PASSES_PLOTTED = 2000  # the plots show the latest passes (a sparkline has 40 buckets anyway)
 
 
-class LiveView:
+class LiveView(TextAndHtml):
     """What a training loop has done so far; ``text()`` is one status line, ``html()`` a small table."""
 
     def __init__(self, recorder: Any, publish: Callable[[LiveView], None], *, interval: float = 0.25,
@@ -181,11 +182,3 @@ class LiveView:
         return (f'<div class="torchmagic-live"><p style="margin:2px 0"><b>{title}</b> · {head}</p>'
                 f'<table class="torchmagic-table">{loss}{"".join(rows)}</table></div>')
 
-    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, str]:
-        bundle = {"text/plain": self.text()}
-        if (include is None or "text/html" in include) and not (exclude and "text/html" in exclude):
-            bundle["text/html"] = self.html()
-        return bundle
-
-    def __repr__(self) -> str:
-        return self.text()
