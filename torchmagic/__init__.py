@@ -12,7 +12,7 @@ _history: list[Trace] = []
 _last_conversion = None
 
 
-def trace(*, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16,
+def trace(*, max_nodes: int = 500, memory_budget: int = 256 * 2**20, small_values: int = 16,
           depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True,
           stop_on_nan: bool = False) -> Trace:
     """Record the autograd graph built in a ``with`` block, and its gradients.

@@ -107,7 +107,7 @@ def test_reload_with_a_refused_value_in_ipythons_config(hostile):
     err = hostile.printed()[1].strip().splitlines()
     assert len(err) == 2 and all(line.startswith("torchmagic: TorchMagic.") for line in err)
     options = hostile.session.options
-    assert (options.max_nodes, options.memory_budget, options.small_values) == (500, 64 * 2**20, 4)
+    assert (options.max_nodes, options.memory_budget, options.small_values) == (500, 256 * 2**20, 4)
     hostile.run("%%autograd_trace --text\n" + SEED)
     hostile.assert_clean()
 

@@ -223,3 +223,15 @@ def test_bad_view_options_are_one_usage_line(shell, capsys, line, message):
     printed = capsys.readouterr()
     assert message in printed.err + printed.out
     assert torchmagic.last_trace() is before and (before.depth, before.expand, before.fold) == view
+
+
+def test_only_the_newest_trace_keeps_its_gradient_tensors(shell):
+    cell = "%%autograd_trace --text\nimport torch\nw = torch.ones(3, requires_grad=True)\nloss = (w * 2).sum()\nloss.backward()"
+    shell.run(cell)
+    first = torchmagic.last_trace()
+    assert torch.equal(first.grad("w"), torch.full((3,), 2.0))
+    shell.run(cell)
+    with pytest.raises(LookupError, match="no longer keeps gradient tensors"):
+        first.grad("w")
+    assert first.node("w").grad.values == [2.0, 2.0, 2.0]  # its statistics stay
+    assert torch.equal(torchmagic.last_trace().grad("w"), torch.full((3,), 2.0))

@@ -189,14 +189,14 @@ def test_nan_and_inf_rows_come_first_when_rows_are_bounded():
     assert "NaN" in t.text() and "x" in lines.split("\n")[2]
 
 
-def test_complex_gradients_say_they_are_magnitudes():
+def test_complex_gradients_show_complex_values_and_say_their_statistics_are_magnitudes():
     with torchmagic.trace() as t:
         z = torch.tensor([1 + 2j, 3 - 1j], requires_grad=True)
         w = z * (2 - 1j)
         loss = w.abs().sum()
         loss.backward()
-    assert "|grad| (complex, magnitudes)" in t.to_dot()
-    assert "z |complex|" in t.text() and "over its elements' magnitudes" in t.text()
+    assert "grad [1+2j, 2.121-0.7071j]  (complex)" in t.to_dot()  # the values, as complex numbers
+    assert "z |complex|" in t.text() and "over its elements' magnitudes" in t.text()  # the table's statistics
     assert "|complex|" in t.html()
 
 

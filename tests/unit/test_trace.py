@@ -215,14 +215,28 @@ def test_hooks_are_removed_and_gradients_released_after_the_trace():
     assert len(t.passes) == 1
 
 
-def test_memory_budget_keeps_statistics_only():
+def test_past_the_memory_budget_a_gradient_keeps_its_norm_only():
     with torchmagic.trace(memory_budget=0) as t:
         x = torch.ones(10, requires_grad=True)
         y = x * 2
         y.sum().backward()
-    assert t.node("y").grad.mean == 1.0
+    summary = t.node("y").grad
+    assert summary.norm_only and summary.norm == pytest.approx(10 ** 0.5) and summary.finite
+    assert "grad norm 3.162  (over the memory budget: only its norm was kept)" in t.text()
+    row = next(line for line in t.text().splitlines() if line.startswith("  y     (10,)"))
+    assert row.split()[:6] == ["y", "(10,)", "3.162", "0", "0", "test_trace.py,"]  # mean, min, max left blank
     with pytest.raises(LookupError, match="memory budget"):
         t.grad("y")
+    # a leaf's gradient is its .grad: keeping it costs nothing, so the budget does not drop it
+    assert torch.equal(t.grad("x"), torch.full((10,), 2.0))
+
+
+def test_past_the_memory_budget_a_nan_still_shows():
+    with torchmagic.trace(memory_budget=0) as t:
+        x = torch.tensor([0.0, 1.0], requires_grad=True)
+        s = torch.sqrt(x)
+        (s * 1).sum().backward()
+    assert not t.node("x").grad.finite and t.nonfinite_origin.name == "x"
 
 
 @pytest.mark.parametrize("values", [

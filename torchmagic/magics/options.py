@@ -49,8 +49,9 @@ class TorchMagic(Configurable):
         16, min=0, help="Gradients with at most this many elements are shown as values, larger ones as statistics."
     ).tag(config=True)
     memory_budget = Int(
-        64 * 2**20, min=0,
-        help="Bytes of gradient tensors a trace keeps whole; past it, gradients are kept as statistics only.",
+        256 * 2**20, min=0,
+        help="Bytes of gradient tensors a trace keeps whole (those nearest the output first; a leaf's gradient, "
+             "which is its .grad, costs nothing); past it, a gradient's norm alone. Only the newest trace keeps them.",
     ).tag(config=True)
     history_size = Int(
         3, min=1, help="How many past traces are kept (torchmagic.last_trace(), %autograd_trace show)."

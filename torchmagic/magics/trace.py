@@ -323,7 +323,10 @@ class TraceMagics(SessionMagics):
                                                     replace=live.replace if live is not None else None))
 
     def _remember(self, trace: Trace) -> None:
+        """The newest trace keeps its gradient tensors; older ones in the history keep statistics only."""
         history = torchmagic._history
+        for older in history:
+            older.drop_gradients()
         history.append(trace)
         del history[: max(0, len(history) - self.session.options.history_size)]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..trace.model import GradientSummary, TraceNode
 from ..trace.model import _format_number as format_number
 
-__all__ = ["clip", "format_number", "grad_text", "is_complex", "ref", "shape_only", "shape_text"]
+__all__ = ["clip", "format_number", "grad_text", "is_complex", "ref", "shape_only", "shape_text", "stat_cells"]
 
 
 def shape_only(shape: tuple[int, ...] | None) -> str:
@@ -41,12 +41,20 @@ def is_complex(node: TraceNode) -> bool:
 
 
 def grad_text(node: TraceNode, limit: int = 1000, grad: GradientSummary | None = None) -> str:
-    """``grad [[0.25, 0.25]]``; for a complex tensor ``|grad| (complex, magnitudes) …``: the values and
-    statistics of a complex gradient are taken over its elements' magnitudes, not the values.
-    ``limit`` clips the values or statistics."""
+    """``grad [[0.25, 0.25]]``; a complex gradient's values are complex numbers, and its statistics
+    (mean, min, max) are over its elements' magnitudes, which the summary says. ``limit`` clips
+    the values or statistics."""
     grad = grad if grad is not None else node.grad
     if grad is None:
         return ""
-    if is_complex(node):
-        return f"|grad| (complex, magnitudes) {clip(grad.short(), limit)}"
     return f"grad {clip(grad.short(), limit)}"
+
+
+def stat_cells(grad: GradientSummary) -> tuple[str, str, str, str]:
+    """Mean, min, max and norm for a table; blank where the trace kept no such number (a meta
+    tensor, or a gradient past the memory budget, which keeps its norm alone)."""
+    if not grad.has_statistics:
+        return "", "", "", ""
+    if grad.norm_only:
+        return "", "", "", format_number(grad.norm)
+    return format_number(grad.mean), format_number(grad.min), format_number(grad.max), format_number(grad.norm)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from ..trace.loops import Loop
 from ..trace.model import MissingGradient, TraceNode
-from .describe import format_number, is_complex, ref, shape_only
+from .describe import is_complex, ref, shape_only, stat_cells
 from .dot import BAD_FILL
 from .history import history_table
 from .text import gradient_rows, importance, loop_history, more_line, pick
@@ -39,7 +39,7 @@ def gradient_table(nodes: Sequence[TraceNode], missing: Sequence[MissingGradient
             cells = [
                 name,
                 esc(shape_only(n.shape)),
-                *(esc(format_number(v)) for v in (n.grad.mean, n.grad.min, n.grad.max, n.grad.norm)),
+                *(esc(cell) for cell in stat_cells(n.grad)),
                 str(n.grad.nan_count),
                 str(n.grad.inf_count),
                 esc(str(n.source or "")),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from ..trace.loops import Loop
 from ..trace.model import MissingGradient, TraceNode
 from ..trace.view import View, compress_names
-from .describe import clip, format_number, grad_text, is_complex, ref, shape_only, shape_text
+from .describe import clip, grad_text, is_complex, ref, shape_only, shape_text, stat_cells
 
 
 def table(rows: Sequence[Sequence[str]], indent: str = "  ") -> list[str]:
@@ -213,10 +213,7 @@ def gradient_lines(nodes: Sequence[TraceNode], missing: Sequence[MissingGradient
             (
                 ref(n) + (" (!)" if n.nonfinite_origin else "") + (" |complex|" if is_complex(n) else ""),
                 shape_only(n.shape),
-                format_number(n.grad.mean),
-                format_number(n.grad.min),
-                format_number(n.grad.max),
-                format_number(n.grad.norm),
+                *stat_cells(n.grad),
                 str(n.grad.nan_count),
                 str(n.grad.inf_count),
                 clip(str(n.source), 50) if n.source else "",

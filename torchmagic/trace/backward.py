@@ -22,7 +22,7 @@ import torch
 from torch.autograd.graph import GradientEdge, get_gradient_edge
 
 from .forward import Location
-from .stats import PendingSummary
+from .stats import NormOnly, PendingSummary
 
 ACCUMULATE_GRAD = torch._C._functions.AccumulateGrad
 REENTRANT_CHECKPOINT = "CheckpointFunctionBackward"
@@ -131,7 +131,7 @@ class PassRecord:
     """One backward call: where it was made, how it was recorded, and (while kept) its gradients.
 
     A captured pass keeps the engine's answer as it came: ``edges`` and ``values`` side by side
-    (a tensor, or a PendingSummary past the memory budget). Prehooks fill ``grads`` (tensors) and
+    (a tensor, or past the memory budget its norm: a NormOnly). Prehooks fill ``grads`` (tensors) and
     ``summaries``, which win over ``values`` for their edges (they saw what flowed on past a
     user's hook). Only the last pass of each call site keeps them.
     """
@@ -150,7 +150,7 @@ class PassRecord:
         self.edges: list[Edge] = []
         self.values: list[Any] = []
         self.grads: dict[Edge, torch.Tensor] = {}
-        self.summaries: dict[Edge, PendingSummary] = {}
+        self.summaries: dict[Edge, PendingSummary | NormOnly] = {}
         self.versions: dict[Edge, int] = {}  # leaf edges whose gradient is the leaf's own .grad
         self.signature = 0
         self.node_count = 0
@@ -294,7 +294,7 @@ class GradientKeeper:
             self.record.summaries.pop(edge, None)
         else:
             self.record.grads.pop(edge, None)
-            self.record.summaries[edge] = PendingSummary(grad, self.small_values)
+            self.record.summaries[edge] = NormOnly.of(grad)
 
     def prehook(self, node: Any):
         def hook(grad_outputs):
@@ -316,17 +316,17 @@ def run_hooked(call: EngineCall, engine: Any, record: PassRecord, nodes: Sequenc
             handle.remove()
 
 
-def run_captured(call: EngineCall, engine: Any, edges: Sequence[Edge], hooked: Sequence[Any],
-                 keeper: GradientKeeper) -> tuple[Any, tuple]:
+def run_captured(call: EngineCall, engine: Any, edges: Sequence[Edge],
+                 hooked: Sequence[tuple[Any, GradientKeeper]]) -> tuple[Any, tuple]:
     """One engine pass returning the gradient of every edge in ``edges`` (after the user's own inputs,
-    for ``autograd.grad``); prehooks on ``hooked`` nodes keep what flowed on past their hooks."""
+    for ``autograd.grad``); a prehook on each ``hooked`` node has its keeper keep what reaches it."""
     gradient_edges = tuple(_new_edge(GradientEdge, (node, index, None)) for node, index in edges)
     handles = []
     collecting = gc.isenabled()
     if collecting:  # the edge tuples are GC-tracked: a collection mid-pass costs 50-100 ms
         gc.disable()
     try:
-        for node in hooked:
+        for node, keeper in hooked:
             handles.append(node.register_prehook(keeper.prehook(node)))
         grads = call.run(engine, call.inputs + gradient_edges, False)
     finally:

@@ -21,7 +21,7 @@ from .forward import ForwardLog, Location, op_name
 from .model import MissingGradient, PassInfo, SourceLine, TraceNode
 from .naming import Labeler, NamespaceNames, source_line
 from .recorder import Recorder
-from .stats import PendingSummary
+from .stats import NormOnly, PendingSummary
 
 NOT_CALLED = "backward not called yet"
 NOT_REACHABLE = "not reachable from the output"
@@ -367,7 +367,7 @@ class Builder:
             data["pass_values"][trace_node.id] = {index: value for index, value, _ in found}
         index, value, part = found[-1]
         trace_node.grad_pass = index
-        if isinstance(value, PendingSummary):
+        if isinstance(value, (PendingSummary, NormOnly)):
             data["summaries"][trace_node.id] = value
             return
         version = part.versions.get(edge)

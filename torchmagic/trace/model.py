@@ -46,6 +46,10 @@ def format_values(values: Any) -> str:
     return _format_number(values)
 
 
+COMPLEX_NOTE = "complex: mean, min and max of |g|"
+NORM_ONLY_NOTE = "over the memory budget: only its norm was kept"
+
+
 @dataclass(frozen=True)
 class GradientSummary:
     """What a gradient looked like: its values when small, else its statistics.
@@ -72,11 +76,14 @@ class GradientSummary:
     def short(self) -> str:
         """One line: the values when small, else mean/min/max/norm, plus NaN/Inf counts."""
         if self.values is not None:
-            text = format_values(self.values)
-        elif self.numel == 0:
+            text = format_values(self.values) + ("  (complex)" if self.note == COMPLEX_NOTE else "")
+            return text + (f"  [{self.nan_count} NaN, {self.inf_count} Inf]" if not self.finite else "")
+        if self.numel == 0:
             text = "(empty)"
         elif not self.has_statistics:
             text = f"{self.shape} ({self.note})" if self.note else "(no statistics)"
+        elif self.norm_only:
+            text = f"norm {_format_number(self.norm)}"
         else:
             text = (
                 f"mean {_format_number(self.mean)}  min {_format_number(self.min)}  "
@@ -87,6 +94,11 @@ class GradientSummary:
         if self.note and self.has_statistics:
             text += f"  ({self.note})"
         return text
+
+    @property
+    def norm_only(self) -> bool:
+        """Past the memory budget a trace keeps a gradient's norm alone (mean, min and max are NaN)."""
+        return self.note == NORM_ONLY_NOTE
 
     @property
     def has_statistics(self) -> bool:

@@ -39,7 +39,7 @@ from .forward import (
     tensor_class,
     user_location,
 )
-from .stats import PendingSummary, norms_of
+from .stats import NormOnly, PendingSummary, norms_of
 
 _live_recorders: weakref.WeakSet = weakref.WeakSet()
 _own_call = threading.local()  # set while a recorder runs the engine itself: outer wrappers let it through
@@ -76,11 +76,11 @@ def recorders_holding_state() -> list[Recorder]:
 class Recorder:
     """Records one stretch of code: ``start()``, run the code, ``stop()``; a Trace then builds from it.
 
-    ``memory_budget`` bounds the bytes of gradient tensors a pass keeps whole; past it, gradients
-    are kept as statistics only.
+    ``memory_budget`` bounds the bytes of gradient tensors a pass keeps whole; past it, a
+    gradient's norm alone is kept.
     """
 
-    def __init__(self, *, memory_budget: int = 64 * 2**20, small_values: int = 16) -> None:
+    def __init__(self, *, memory_budget: int = 256 * 2**20, small_values: int = 16) -> None:
         self.memory_budget = memory_budget
         self.small_values = small_values
         self.log = ForwardLog()
@@ -448,12 +448,13 @@ class Recorder:
             edges = bw.needed_edges(roots, {bw.edge_of(t)[0] for t in call.inputs})
             leaf_count = 0
         keeper = bw.GradientKeeper(record, self.memory_budget, self.small_values)
-        hooked = [node for node in self.hooked if node in walk.seen]
+        hooked = [(node, keeper) for node in self.hooked if node in walk.seen]  # a user's hook: what flowed on
         estimate = bw.estimate_bytes(edges)
         if estimate > 4 * self.memory_budget:
             edges, summarised = self._split_for_budget(edges)
-            hooked += summarised
-        user_grads, grads = self._run_own(bw.run_captured, call, self._original_engine, edges, hooked, keeper)
+            norms_only = bw.GradientKeeper(record, 0, self.small_values)  # far from the output: norms alone
+            hooked += [(node, norms_only) for node in summarised]
+        user_grads, grads = self._run_own(bw.run_captured, call, self._original_engine, edges, hooked)
         leaves = self._accumulate(record, edges, grads, leaf_count)
         record.edges, record.values = edges, list(grads)
         if len(edges) <= 64 or estimate > self.memory_budget / 2:  # small, or near the budget: count exactly
@@ -535,22 +536,27 @@ class Recorder:
             pass
 
     def _keep_within_budget(self, record: bw.PassRecord, keeper: bw.GradientKeeper) -> None:
-        """Past the memory budget, keep statistics instead of tensors (a tensor shared by edges counts once)."""
+        """Past the memory budget, keep a gradient's norm instead of the tensor (a tensor shared by
+        edges counts once; a leaf's gradient that is its ``.grad`` costs nothing and is always kept)."""
         counted: set[int] = set()
         kept = keeper.kept_bytes
-        values = record.values
+        values, edges, shared = record.values, record.edges, record.versions
+        over: list[int] = []
         for i, grad in enumerate(values):
             if not isinstance(grad, torch.Tensor):
                 continue
             key = id(grad)
-            if key in counted:
+            if key in counted or edges[i] in shared:
                 continue
             size = bw.tensor_bytes(grad)
             if kept + size > self.memory_budget:
-                values[i] = PendingSummary(grad, self.small_values)
+                over.append(i)
                 continue
             kept += size
             counted.add(key)
+        if over:
+            for i, summary in zip(over, NormOnly.of_many([values[i] for i in over])):
+                values[i] = summary
         keeper.kept_bytes = kept
 
     def _hooked_pass(self, call: bw.EngineCall, record: bw.PassRecord, walk: bw.Walk) -> Any:

@@ -16,14 +16,13 @@ from typing import Any
 
 import torch
 
-from .model import GradientSummary
+from .model import COMPLEX_NOTE, NORM_ONLY_NOTE, GradientSummary
 
 _no_subclass = torch._C.DisableTorchFunctionSubclass
 
 # Gradients up to this many elements are stacked and reduced together; bigger ones are reduced
 # one at a time with no copy (aminmax, sum, norm; NaN/Inf counted only when present).
 STACK_LIMIT = 4096
-COMPLEX_NOTE = "complex: mean, min and max of |g|"
 
 
 def _empty(shape: tuple[int, ...], note: str) -> GradientSummary:
@@ -170,7 +169,7 @@ def norms_of(gradients: Sequence[Any]) -> list[Any]:
     with _no_subclass(), torch.no_grad():
         for i, grad in enumerate(gradients):
             try:
-                if isinstance(grad, PendingSummary):
+                if isinstance(grad, (PendingSummary, NormOnly)):
                     out[i] = grad.norm
                 elif _special(grad) is None and grad.is_floating_point():
                     dense.append(i)
@@ -273,3 +272,35 @@ class PendingSummary:
         nan_count, inf_count = (int(stats[4]), int(stats[5])) if len(stats) > 4 else (0, 0)
         return GradientSummary(self.shape, self.numel, total / self.numel, low, high, norm,
                                nan_count, inf_count, values, self.note)
+
+
+class NormOnly:
+    """What a trace keeps of a gradient past its memory budget: shape, dtype and norm, one reduction
+    taken when the gradient arrives (the norm is read back when shown). The norm also says whether
+    any element is NaN or Inf, though not how many."""
+
+    __slots__ = ("shape", "dtype", "numel", "norm")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, numel: int, norm: Any) -> None:
+        self.shape, self.dtype, self.numel, self.norm = shape, dtype, numel, norm
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> Any:
+        """The norm of a dense real tensor; anything else (complex, sparse, meta) gets full statistics."""
+        with _no_subclass(), torch.no_grad():
+            if _special(tensor) is not None or not tensor.is_floating_point():
+                return PendingSummary(tensor, 0)
+            return cls(tuple(tensor.shape), tensor.dtype, tensor.numel(), torch.linalg.vector_norm(tensor.detach()))
+
+    @classmethod
+    def of_many(cls, tensors: Sequence[torch.Tensor]) -> list[Any]:
+        """The same for many at once (one multi-tensor norm for the dense real ones)."""
+        norms = norms_of(tensors)
+        return [cls(tuple(t.shape), t.dtype, t.numel(), n) if _special(t) is None and t.is_floating_point()
+                else PendingSummary(t, 0) for t, n in zip(tensors, norms)]
+
+    def resolve(self) -> GradientSummary:
+        norm = float(self.norm)
+        nan = float("nan")
+        return GradientSummary(self.shape, self.numel, nan, nan, nan, norm, int(math.isnan(norm)),
+                               int(math.isinf(norm)), None, NORM_ONLY_NOTE)

@@ -56,7 +56,7 @@ class Trace(TraceChecks):
         t.grad("out"); print(t.text())
     """
 
-    def __init__(self, *, max_nodes: int = 500, memory_budget: int = 64 * 2**20, small_values: int = 16,
+    def __init__(self, *, max_nodes: int = 500, memory_budget: int = 256 * 2**20, small_values: int = 16,
                  cell: str = "", depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True,
                  stop_on_nan: bool = False) -> None:
         self.max_nodes = max_nodes
@@ -72,6 +72,7 @@ class Trace(TraceChecks):
         self.error: str | None = None
         self._data: dict[str, Any] | None = None  # what build() made; None until first read
         self._pending: tuple | None = None  # (recorder, namespace snapshot, labeler, extra roots) until then
+        self._gradients_dropped = False
         self._stats_done = False
         self._recorder: Recorder | None = None
         self._svg: str | None = None
@@ -203,6 +204,19 @@ class Trace(TraceChecks):
             raise KeyError(f"no tensor named {name!r} in this trace; known names: {known}")
         return matches[-1]
 
+    def drop_gradients(self) -> None:
+        """Keep the statistics, let go of the gradient tensors (``t.grad`` then raises LookupError).
+
+        The magics do this to a trace once a newer one is shown, so that the traces kept in
+        ``%autograd_trace show``'s history hold one trace's gradients at most.
+        """
+        if self._data is None and self._pending is None:
+            return
+        self.nodes  # noqa: B018 - statistics first, from the tensors
+        data = self._built()
+        data["grad_tensors"], data["grad_versions"], data["pass_values"] = {}, {}, {}
+        self._gradients_dropped = True
+
     def grad(self, name: str, pass_index: int | None = None) -> torch.Tensor | None:
         """The gradient that flowed into the tensor named ``name`` in the last pass that reached it
         (None if none did); ``pass_index`` (0-based, as in ``t.passes``) asks for one pass.
@@ -214,6 +228,9 @@ class Trace(TraceChecks):
         """
         node = self.node(name)
         data = self._built()
+        if self._gradients_dropped:
+            raise LookupError(f"this trace no longer keeps gradient tensors (a newer trace was shown); the statistics "
+                              f"of {name!r} are in t.node({name!r}).grad")
         if pass_index is not None and pass_index != node.grad_pass:
             if not -len(self.passes) <= pass_index < len(self.passes):
                 raise LookupError(f"no pass {pass_index}: the code made {len(self.passes)} backward passes")
