@@ -83,7 +83,7 @@ class Recorder:
     def __init__(self, *, memory_budget: int = 256 * 2**20, small_values: int = 16) -> None:
         self.memory_budget = memory_budget
         self.small_values = small_values
-        self.log = ForwardLog()
+        self.log = ForwardLog()  # replaced by start(): the log of the recording
         self.leaves: dict[int, LeafInfo] = {}
         self.cuts: list[Cut] = []
         self.hooked: dict[Any, None] = {}  # nodes whose tensors got a user hook while recording
@@ -298,14 +298,22 @@ class Recorder:
                 self._unshare(shared)
 
     def _hit(self, value: Any, hit: set[int]) -> None:
-        if tensor_class(value):
+        kind = type(value)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            try:
+                pointer = value.data_ptr()
+            except Exception:  # sparse, meta
+                return
+        elif issubclass(kind, torch.Tensor):
             try:
                 with _no_subclass():
                     pointer = value.data_ptr()
             except Exception:
                 return
-            if pointer in self.watched:
-                hit.add(pointer)
+        else:
+            return
+        if pointer in self.watched:
+            hit.add(pointer)
 
     def _unshare(self, pointers: set[int]) -> None:
         """Replace every kept gradient sharing memory with the ``.grad`` tensors at ``pointers`` by a copy."""
@@ -516,7 +524,7 @@ class Recorder:
                 self.summed[key] = self.summed.get(key, 1) + 1
             # held by the grads tuple, `grad` and getrefcount's argument; more means a user's hook kept it
             others_hold_it = sys.getrefcount(grad) > 3
-            if bw.accumulate_leaf(node, grad, others_hold_it):
+            if bw.accumulate_leaf(node, grad, others_hold_it) and grad.data_ptr():  # (a meta tensor has none)
                 pointer = grad.data_ptr()
                 self.shared_grads.add(pointer)
                 self.watched[pointer] = id(leaf)
@@ -530,7 +538,7 @@ class Recorder:
         """Note where ``leaf.grad`` lives, so an in-place write to it later is seen."""
         grad = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
         try:
-            if grad is not None and not grad.is_sparse:
+            if grad is not None and not grad.is_sparse and grad.data_ptr():
                 self.watched[grad.data_ptr()] = id(leaf)
         except Exception:
             pass
