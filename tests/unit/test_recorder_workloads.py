@@ -375,3 +375,19 @@ def test_torch_compile_of_a_custom_function_gives_the_same_value_traced():
     expected = torch.autograd.grad(f(x).sum(), x)[0]
     assert torch.allclose(x.grad, expected)
     torch._dynamo.reset()
+
+
+def test_an_optimizer_step_reading_grad_is_not_a_change_to_grad():
+    """SGD's param.add_(grad) writes the parameter: .grad stays the last pass's gradient, shown once."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    xb = torch.randn(8, 6)
+    with torchmagic.trace() as t:
+        for _ in range(3):
+            opt.zero_grad()
+            model(xb).pow(2).mean().backward()
+            opt.step()
+    for name, param in model.named_parameters():
+        node = t.node(f"model.{name}")
+        assert node.leaf_grad is None and node.leaf_grad_note is None, node.leaf_grad_note
+        assert torch.equal(t.grad(f"model.{name}"), param.grad)

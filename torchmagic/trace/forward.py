@@ -254,8 +254,9 @@ class RecordingMode(TorchFunctionMode):
             self.recorder.note_untraced(func)
             return func(*args, **kwargs) if kwargs else func(*args)
         recorder = self.recorder
-        if recorder.watched and writes_in_place(func):
-            recorder.before_in_place(args, kwargs)
+        if recorder.watched and (writes_in_place(func) or (kwargs and "out" in kwargs)):
+            # what an op writes: its first argument (t.mul_(c), torch._foreach_mul_(grads, c)), or out=
+            recorder.before_in_place(kwargs["out"] if kwargs and "out" in kwargs else args[0] if args else None)
         start = sequence_nr()
         out = func(*args, **kwargs) if kwargs else func(*args)
         end = sequence_nr()

@@ -11,7 +11,6 @@ from __future__ import annotations
 import sys
 import threading
 import weakref
-from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -279,18 +278,16 @@ class Recorder:
         return value
 
     # -- in-place writes to gradients we keep ----------------------------------------------
-    def before_in_place(self, args: tuple, kwargs: dict | None) -> None:
-        """An op is about to change tensors in place. Where one is a leaf's ``.grad`` (clipping,
-        ``zero_()``), note it; where that ``.grad`` is also a gradient the trace keeps, copy it
-        first: the trace keeps what the pass computed."""
+    def before_in_place(self, written: Any) -> None:
+        """An op is about to write ``written`` (a tensor, or a list of them) in place. Where one is a
+        leaf's ``.grad`` (clipping, ``zero_()``), note it; where that ``.grad`` is also a gradient
+        the trace keeps, copy it first: the trace keeps what the pass computed."""
         hit: set[int] = set()
-        values: Iterable[Any] = args if not kwargs else (*args, *kwargs.values())
-        for value in values:
-            if isinstance(value, (list, tuple)):
-                for item in value:
-                    self._hit(item, hit)
-            else:
-                self._hit(value, hit)
+        if isinstance(written, (list, tuple)):
+            for item in written:
+                self._hit(item, hit)
+        else:
+            self._hit(written, hit)
         if hit:
             self.changed_in_place.update(self.watched[pointer] for pointer in hit)
             shared = hit & self.shared_grads
