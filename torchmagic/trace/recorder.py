@@ -221,37 +221,50 @@ class Recorder:
                     self.hooked[node] = None
             return
         grad_enabled = torch.is_grad_enabled()
-        if tensor_class(out):
+        kind = type(out)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:  # the common case, without a context manager
+            is_leaf = out.requires_grad and out.grad_fn is None
+        elif issubclass(kind, torch.Tensor):
             with _no_subclass():
                 is_leaf = out.requires_grad and out.grad_fn is None
-            if is_leaf:
-                if grad_enabled and name not in _NO_LEAF_OPS and id(out) not in self.leaves:
-                    self.leaves[id(out)] = LeafInfo(out, name, user_location())
-                return
-        if not grad_enabled or name in CUT_OPS:
-            self._note_cuts(name, args)
+        else:
+            is_leaf = False
+        if is_leaf:
+            if grad_enabled and name not in _NO_LEAF_OPS and id(out) not in self.leaves:
+                self.leaves[id(out)] = LeafInfo(out, name, user_location())
+            return
+        if name in CUT_OPS or (not grad_enabled and kind is not type(None) and getattr(func, "__name__", "") != "__get__"):
+            self._note_cuts(name, args)  # (reading a property, or a call that returns nothing, uses no value)
 
     def _note_cuts(self, name: str, args: tuple) -> None:
+        """Tensors with a gradient path that this call cuts: ``.detach()``/``.data``, or any op under
+        no_grad. A leaf is noted once (where it was first cut off); at most MAX_CUTS others."""
         how = {"detach": ".detach()", "detach_": ".detach_()", "data": ".data"}.get(name, "torch.no_grad()")
         location = None
         for arg in args:
-            if not tensor_class(arg):
-                continue
-            with _no_subclass():
+            kind = type(arg)
+            if kind is torch.Tensor or kind is torch.nn.Parameter:
                 if not arg.requires_grad:
                     continue
                 node = arg.grad_fn
-            if location is None:
-                location = user_location()
+            elif issubclass(kind, torch.Tensor):
+                with _no_subclass():
+                    if not arg.requires_grad:
+                        continue
+                    node = arg.grad_fn
+            else:
+                continue
             if node is None:
                 info = self.leaves.get(id(arg))
                 if info is None:
                     info = self.leaves[id(arg)] = LeafInfo(arg, None, None)
                 if how == "torch.no_grad()":
-                    info.no_grad = info.no_grad or location
-                else:
-                    info.detached = info.detached or location
+                    if info.no_grad is None:
+                        info.no_grad = location = location or user_location()
+                elif info.detached is None:
+                    info.detached = location = location or user_location()
             elif len(self.cuts) < MAX_CUTS:
+                location = location or user_location()
                 self.cuts.append(Cut(node, how, location))
 
     def bind(self, name: str, value: Any, location: Location | None = None) -> Any:
