@@ -14,6 +14,7 @@ import torch
 import torchmagic
 from torchmagic.convert import Converter
 from torchmagic.trace import Recorder, Trace
+from torchmagic.trace.ledger import LeafLedger
 
 SEED = "import torch\nx = torch.ones(2, 2, requires_grad=True)\ny = x + 2\nz = (y * y * 3).mean()\nz.backward()"
 
@@ -68,7 +69,7 @@ def test_a_fault_in_our_backward_capture(hostile, monkeypatch, fault):
     def broken(self, record, edges, grads, count):
         raise fault("inside the recorder's capture")
 
-    monkeypatch.setattr(Recorder, "_accumulate", broken)
+    monkeypatch.setattr(LeafLedger, "accumulate", broken)
     traced(hostile, SEED, "cell", expect_error=fault)
     monkeypatch.undo()
     hostile.assert_clean()

@@ -383,13 +383,13 @@ class Builder:
             trace_node.shape, trace_node.dtype = tuple(value.shape), _dtype_name(value.dtype)
 
     def _leaf_state(self, trace_node: TraceNode, variable: torch.Tensor, has_passes: bool) -> None:
-        final = self.recorder.final_grads.get(id(variable))
+        final = self.recorder.ledger.final.get(id(variable))
         if final is not None:
             summary, _, note = final
             trace_node.leaf_grad = summary.resolve() if summary is not None else None
             trace_node.leaf_grad_note = note
         if trace_node.grad_pass is None and trace_node.missing_reason is None:
-            history = self.recorder.leaf_history.get(id(variable))
+            history = self.recorder.ledger.history.get(id(variable))
             if history:
                 trace_node.missing_reason = self._earlier_pass(history[1][-1][0])
             else:
@@ -420,8 +420,8 @@ class Builder:
                 reason, location = f"cut off by {cut.how}", cut.location
             elif info.no_grad:
                 reason, location = NO_GRAD, info.no_grad
-            elif key in self.recorder.leaf_history:
-                reason = self._earlier_pass(self.recorder.leaf_history[key][1][-1][0])
+            elif key in self.recorder.ledger.history:
+                reason = self._earlier_pass(self.recorder.ledger.history[key][1][-1][0])
             else:
                 reason = NOT_REACHABLE if self.recorder.passes else NOT_CALLED
             reported.add(key)
@@ -476,8 +476,8 @@ class Builder:
     def history(self) -> dict[str, list[tuple[int, float]]]:
         out: dict[str, list[tuple[int, float]]] = {}
         for record in self.kept:
-            self.recorder.leaf_norms(record)
-        for key, (_leaf, norms) in self.recorder.leaf_history.items():
+            self.recorder.ledger.norms(record)
+        for key, (_leaf, norms) in self.recorder.ledger.history.items():
             info = self.recorder.leaves.get(key)
             label = self._leaf_label(key, info.names[0][0] if info is not None and info.names else None)
             if label is None:

@@ -241,6 +241,7 @@ class RecordingMode(TorchFunctionMode):
     def __init__(self, recorder: Any) -> None:
         super().__init__()
         self.recorder = recorder
+        self._ledger = recorder.ledger
         log = recorder.log
         self._op_start = log.op_start.append
         self._op_end = log.op_end.append
@@ -254,9 +255,10 @@ class RecordingMode(TorchFunctionMode):
             self.recorder.note_untraced(func)
             return func(*args, **kwargs) if kwargs else func(*args)
         recorder = self.recorder
-        if recorder.watched and (writes_in_place(func) or (kwargs and "out" in kwargs)):
+        ledger = self._ledger
+        if ledger.watched and (writes_in_place(func) or (kwargs and "out" in kwargs)):
             # what an op writes: its first argument (t.mul_(c), torch._foreach_mul_(grads, c)), or out=
-            recorder.before_in_place(kwargs["out"] if kwargs and "out" in kwargs else args[0] if args else None)
+            ledger.before_in_place(kwargs["out"] if kwargs and "out" in kwargs else args[0] if args else None)
         start = sequence_nr()
         out = func(*args, **kwargs) if kwargs else func(*args)
         end = sequence_nr()

@@ -92,10 +92,10 @@ class LiveView(TextAndHtml):
         for record in recorder.passes:
             if record.kept and record.leaf_grads:
                 with torch._C.DisableTorchFunction():
-                    recorder.leaf_norms(record)
+                    recorder.ledger.norms(record)
         labels = self._leaf_labels()
         fresh: list[tuple[str, int, Any]] = []  # norms not seen yet: (module, pass index, norm)
-        for key, (_, history) in recorder.leaf_history.items():
+        for key, (_, history) in recorder.ledger.history.items():
             cursor = self._cursor.get(key, 0)
             label = labels.get(key)
             while cursor < len(history) and history[cursor][1] is not None:

@@ -38,33 +38,14 @@ from .forward import (
     tensor_class,
     user_location,
 )
-from .stats import NormOnly, PendingSummary, norms_of
+from .ledger import LeafLedger
+from .stats import NormOnly
 
 _live_recorders: weakref.WeakSet = weakref.WeakSet()
 _own_call = threading.local()  # set while a recorder runs the engine itself: outer wrappers let it through
 MAX_CALL_SITES = 16  # distinct backward call sites whose last pass keeps its graph (oldest let go first)
 UNTRACED_TRANSFORMS = ("torch.func transform", "code inside torch.func transforms (vmap, grad, jacrev, ...) ran "
                        "untouched: their inner gradients are not in this trace")
-
-
-def _grad_of(leaf: torch.Tensor) -> Any:
-    """``leaf.grad``, not through a subclass's ``__torch_function__`` (and without the cost of the
-    context that avoids it, for plain tensors and parameters)."""
-    if type(leaf) in bw._PLAIN:
-        return leaf.grad
-    with _no_subclass():
-        return leaf.grad
-
-
-def _equal(shown: Any, now: torch.Tensor) -> bool:
-    if not isinstance(shown, torch.Tensor):
-        return False
-    try:
-        with _no_subclass():
-            return (shown.shape == now.shape and shown.dtype == now.dtype and shown.device == now.device
-                    and shown.layout == now.layout == torch.strided and not now.is_meta and torch.equal(shown, now))
-    except Exception:
-        return False
 
 
 def recorders_holding_state() -> list[Recorder]:
@@ -88,12 +69,7 @@ class Recorder:
         self.hooked: dict[Any, None] = {}  # nodes whose tensors got a user hook while recording
         self.passes: list[bw.PassRecord] = []
         self.call_sites: dict[tuple, int] = {}  # (location, entry) -> index of its last pass
-        self.leaf_history: dict[int, tuple[torch.Tensor, list[tuple[int, Any]]]] = {}
-        self.final_grads: dict[int, tuple[Any, int | None, str | None]] = {}  # id(leaf) -> (summary, version, note)
-        self.shared_grads: set[int] = set()  # data pointers of leaves' .grad that are also a kept gradient
-        self.watched: dict[int, int] = {}  # data pointer of a leaf's .grad -> id(leaf), for in-place writes
-        self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
-        self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
+        self.ledger = LeafLedger(self.passes, small_values)  # each leaf's gradient, pass by pass
         self.untraced: dict[str, str] = {}  # what ran untouched, and why (shown by the trace)
         self.listeners: list[Any] = []  # called after each backward pass: listener(recorder, record, outputs)
         self.stop_on_nonfinite = False  # raise NonFiniteGradient after a pass that computed a NaN/Inf gradient
@@ -119,7 +95,7 @@ class Recorder:
 
     @property
     def holds_state(self) -> bool:
-        return bool(self.leaves or self.passes or self.cuts or self.leaf_history or self.hooked)
+        return bool(self.leaves or self.passes or self.cuts or self.ledger.history or self.hooked)
 
     def start(self) -> None:
         if self._mode is not None:
@@ -183,10 +159,9 @@ class Recorder:
             if mode is not None:
                 self.log.close()
                 self.op_count = len(self.log.op_start)
-                self.shared_grads.clear()
-                self.watched.clear()
                 self.hooked.clear()
-                self._snapshot_final_grads()
+                self.ledger.snapshot()
+                self.ledger.stop_watching()
 
     def release(self) -> None:
         """Drop every gradient and tensor reference this recording holds."""
@@ -197,12 +172,7 @@ class Recorder:
         self.leaves.clear()
         self.cuts.clear()
         self.hooked.clear()
-        self.leaf_history.clear()
-        self.final_grads.clear()
-        self.shared_grads.clear()
-        self.watched.clear()
-        self.changed_in_place.clear()
-        self.summed.clear()
+        self.ledger.clear()
         self.log = ForwardLog()
 
     # -- forward side paths (rare: most ops only append to the log) ------------------------
@@ -291,62 +261,6 @@ class Recorder:
         return value
 
     # -- in-place writes to gradients we keep ----------------------------------------------
-    def before_in_place(self, written: Any) -> None:
-        """An op is about to write ``written`` (a tensor, or a list of them) in place. Where one is a
-        leaf's ``.grad`` (clipping, ``zero_()``), note it; where that ``.grad`` is also a gradient
-        the trace keeps, copy it first: the trace keeps what the pass computed."""
-        hit: set[int] = set()
-        if isinstance(written, (list, tuple)):
-            for item in written:
-                self._hit(item, hit)
-        else:
-            self._hit(written, hit)
-        if hit:
-            self.changed_in_place.update(self.watched[pointer] for pointer in hit)
-            shared = hit & self.shared_grads
-            if shared:
-                self._unshare(shared)
-
-    def _hit(self, value: Any, hit: set[int]) -> None:
-        kind = type(value)
-        if kind is torch.Tensor or kind is torch.nn.Parameter:
-            try:
-                pointer = value.data_ptr()
-            except Exception:  # sparse, meta
-                return
-        elif issubclass(kind, torch.Tensor):
-            try:
-                with _no_subclass():
-                    pointer = value.data_ptr()
-            except Exception:
-                return
-        else:
-            return
-        if pointer in self.watched:
-            hit.add(pointer)
-
-    def _unshare(self, pointers: set[int]) -> None:
-        """Replace every kept gradient sharing memory with the ``.grad`` tensors at ``pointers`` by a copy."""
-        storages = set()
-        for record in self.passes:
-            for part in (record, *record.inner):
-                for _, _, grad in part.tensors():
-                    try:
-                        if grad.data_ptr() in pointers:
-                            storages.add(grad.untyped_storage().data_ptr())
-                    except Exception:
-                        continue
-        for record in self.passes:
-            for part in (record, *record.inner):
-                for container, key, grad in list(part.tensors()):
-                    try:
-                        if grad.untyped_storage().data_ptr() in storages:
-                            container[key] = grad.clone()
-                    except Exception:
-                        continue
-                part.versions.clear()
-        self.shared_grads -= pointers
-
     # -- backward ---------------------------------------------------------------------------
     def _engine(self, outputs: Any, *args: Any, **kwargs: Any) -> Any:
         """Installed as ``_engine_run_backward`` while recording: every backward call passes here."""
@@ -443,12 +357,7 @@ class Recorder:
         self.passes.append(record)
 
     def _drop(self, record: bw.PassRecord) -> None:
-        self.leaf_norms(record)
-        if self.shared_grads:
-            for edge in record.versions:
-                grad = record.gradient(edge)
-                if isinstance(grad, torch.Tensor):
-                    self.shared_grads.discard(grad.data_ptr())
+        self.ledger.release(record)
         record.drop()
 
     def _run_own(self, function: Any, *args: Any) -> Any:
@@ -473,7 +382,7 @@ class Recorder:
             norms_only = bw.GradientKeeper(record, 0, self.small_values)  # far from the output: norms alone
             hooked += [(node, norms_only) for node in summarised]
         user_grads, grads = self._run_own(bw.run_captured, call, self._original_engine, edges, hooked)
-        leaves = self._accumulate(record, edges, grads, leaf_count)
+        leaves = self.ledger.accumulate(record, edges, grads, leaf_count)
         record.edges, record.values = edges, list(grads)
         if len(edges) <= 64 or estimate > self.memory_budget / 2:  # small, or near the budget: count exactly
             self._keep_within_budget(record, keeper)
@@ -485,9 +394,9 @@ class Recorder:
                         keeper.keep(edge, grad)
                     if type(edge[0]) is bw.ACCUMULATE_GRAD:
                         leaves.append((edge[0].variable, edge, grad))
-            self._note_leaf_norms(record, leaves)
+            self.ledger.note(record, leaves)
             return user_grads
-        self._note_leaf_norms(record, leaves)
+        self.ledger.note(record, leaves)
         return ()
 
     def _split_for_budget(self, edges: list) -> tuple[list, list]:
@@ -509,49 +418,6 @@ class Recorder:
             else:
                 over[node] = None
         return captured, list(over)
-
-    def _accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int) -> list:
-        """Each leaf's gradient (the first ``count`` edges) into its ``.grad``, by its own
-        AccumulateGrad node's rules, as the engine would have."""
-        leaves = []
-        for i in range(count):
-            grad = grads[i]
-            if grad is None:
-                continue
-            edge = edges[i]
-            node = edge[0]
-            leaf = node.variable
-            old = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
-            if old is not None and self.shared_grads:
-                pointer = old.data_ptr() if not old.is_sparse else 0
-                if pointer in self.shared_grads:
-                    self._unshare({pointer})  # accumulating into it would change the earlier pass's gradient
-            key = id(leaf)
-            if old is None:
-                self.summed[key] = 1
-                self.changed_in_place.discard(key)
-            else:
-                self.summed[key] = self.summed.get(key, 1) + 1
-            # held by the grads tuple, `grad` and getrefcount's argument; more means a user's hook kept it
-            others_hold_it = sys.getrefcount(grad) > 3
-            if bw.accumulate_leaf(node, grad, others_hold_it) and grad.data_ptr():  # (a meta tensor has none)
-                pointer = grad.data_ptr()
-                self.shared_grads.add(pointer)
-                self.watched[pointer] = id(leaf)
-                record.versions[edge] = grad._version
-            else:
-                self._watch(leaf)
-            leaves.append((leaf, edge, grad))
-        return leaves
-
-    def _watch(self, leaf: torch.Tensor) -> None:
-        """Note where ``leaf.grad`` lives, so an in-place write to it later is seen."""
-        grad = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
-        try:
-            if grad is not None and not grad.is_sparse and grad.data_ptr():
-                self.watched[grad.data_ptr()] = id(leaf)
-        except Exception:
-            pass
 
     def _keep_within_budget(self, record: bw.PassRecord, keeper: bw.GradientKeeper) -> None:
         """Past the memory budget, keep a gradient's norm instead of the tensor (a tensor shared by
@@ -583,14 +449,14 @@ class Recorder:
         leaves = [(edge[0].variable, edge, value) for edge, value in record.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD]
         for leaf, _, _ in leaves:
-            self._watch(leaf)
+            self.ledger.watch(leaf)
         if not call.accumulate_grad and result:
             for tensor, grad in zip(call.inputs, result):
                 if grad is not None:
                     edge = bw.edge_of(tensor)
                     if edge not in record.grads:
                         keeper.keep(edge, grad)
-        self._note_leaf_norms(record, leaves)
+        self.ledger.note(record, leaves)
         return result
 
     def _inner_pass(self, running: bw.PassRecord, call: bw.EngineCall) -> Any:
@@ -606,78 +472,5 @@ class Recorder:
         result = self._run_own(bw.run_hooked, call, self._original_engine, inner, list(walk.seen), keeper)
         leaves = [(edge[0].variable, edge, value) for edge, value in inner.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD]
-        self._note_leaf_norms(running, leaves)
+        self.ledger.note(running, leaves)
         return result
-
-    def _note_leaf_norms(self, record: bw.PassRecord, leaves: list) -> None:
-        """Note which leaves this pass reached. Their norms are taken when the pass is let go (a later
-        pass from the same line replaces it) or when the trace is built, from the kept gradients,
-        which the copy-before-write keeps as the pass computed them."""
-        if not leaves:
-            return
-        record.leaf_grads.extend((leaf, edge) for leaf, edge, _ in leaves)
-        for leaf, _, _ in leaves:
-            entry = self.leaf_history.get(id(leaf))
-            if entry is None:
-                entry = self.leaf_history[id(leaf)] = (leaf, [])
-            if not entry[1] or entry[1][-1][0] != record.index:
-                entry[1].append((record.index, None))
-
-    def leaf_norms(self, record: bw.PassRecord) -> None:
-        """Fill in the norms of ``record``'s leaf gradients in ``leaf_history`` (NaN where not kept intact)."""
-        pairs = [(leaf, edge) for leaf, edge in record.leaf_grads]
-        if not pairs:
-            return
-        values = [record.gradient(edge) if record.intact(edge) else None for _, edge in pairs]
-        present = [i for i, value in enumerate(values) if value is not None]
-        norms = norms_of([values[i] for i in present])
-        by_leaf = {id(pairs[i][0]): norm for i, norm in zip(present, norms)}
-        for leaf, _ in pairs:
-            entry = self.leaf_history.get(id(leaf))
-            if entry is None:
-                continue
-            history = entry[1]
-            for k, (index, norm) in enumerate(history):
-                if index == record.index and norm is None:
-                    history[k] = (index, by_leaf.get(id(leaf), float("nan")))
-
-    @staticmethod
-    def _grad_note(passes: int, changed: bool) -> str:
-        if passes > 1 and changed:
-            return f".grad is the sum over the {passes} passes that reached it, changed in place since " \
-                   "(clipped, scaled or zeroed)"
-        if passes > 1:
-            return f".grad is the sum over the {passes} passes that reached it (PyTorch adds them up)"
-        if changed:
-            return ".grad was changed in place after the pass (clipped, scaled or zeroed)"
-        return ".grad differs from the pass's gradient (changed by code the trace did not see)"
-
-    def _snapshot_final_grads(self) -> None:
-        """Each leaf's ``.grad`` as the code left it, where it is not simply the last pass's gradient."""
-        last_gradient: dict[int, Any] = {}
-        for record in self.passes:
-            if not record.kept:
-                continue
-            for leaf, edge in record.leaf_grads:
-                last_gradient[id(leaf)] = (record, edge)
-        for key, (leaf, history) in self.leaf_history.items():
-            now = _grad_of(leaf)
-            found = last_gradient.get(key)
-            shown = None
-            if found is not None:
-                shown = found[0].gradient(found[1])
-            passes = {index for index, _ in history}
-            if now is None:
-                self.final_grads[key] = (None, None, ".grad is None now (set to None after the last pass, e.g. "
-                                                      "zero_grad())")
-                continue
-            if shown is now and found[1] in found[0].versions and found[0].versions[found[1]] == now._version:
-                continue  # .grad is the very tensor the last pass gave, unchanged
-            if _equal(shown, now):
-                continue  # .grad holds what the last pass gave (zeroed, then accumulated once)
-            note = self._grad_note(self.summed.get(key, len(passes)), key in self.changed_in_place)
-            try:
-                summary = PendingSummary(now, self.small_values)
-            except Exception:
-                continue
-            self.final_grads[key] = (summary, now._version, note)

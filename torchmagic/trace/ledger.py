@@ -1,0 +1,243 @@
+"""The ledger of a recording's leaf gradients: each leaf's gradient accumulated into ``.grad`` as
+AccumulateGrad would, kept without a copy where ``.grad`` is that very tensor (and copied before
+anything writes to it in place), its norm per pass, and ``.grad`` as the code left it where that
+differs from what the last pass gave."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import torch
+
+from . import backward as bw
+from .stats import PendingSummary, norms_of
+
+_no_subclass = torch._C.DisableTorchFunctionSubclass
+
+
+def _grad_of(leaf: torch.Tensor) -> Any:
+    """``leaf.grad``, not through a subclass's ``__torch_function__`` (and without the cost of the
+    context that avoids it, for plain tensors and parameters)."""
+    if type(leaf) in bw._PLAIN:
+        return leaf.grad
+    with _no_subclass():
+        return leaf.grad
+
+
+def _equal(shown: Any, now: torch.Tensor) -> bool:
+    if not isinstance(shown, torch.Tensor):
+        return False
+    try:
+        with _no_subclass():
+            return (shown.shape == now.shape and shown.dtype == now.dtype and shown.device == now.device
+                    and shown.layout == now.layout == torch.strided and not now.is_meta and torch.equal(shown, now))
+    except Exception:
+        return False
+
+
+class LeafLedger:
+    """What a recording knows of each leaf's gradient, pass by pass (``passes`` is the recorder's list)."""
+
+    def __init__(self, passes: list[bw.PassRecord], small_values: int) -> None:
+        self.passes = passes
+        self.small_values = small_values
+        self.history: dict[int, tuple[torch.Tensor, list[tuple[int, Any]]]] = {}  # id(leaf) -> (leaf, [(pass, norm)])
+        self.final: dict[int, tuple[Any, int | None, str | None]] = {}  # id(leaf) -> (summary, version, note)
+        self.shared: set[int] = set()  # data pointers of leaves' .grad that are also a kept gradient
+        self.watched: dict[int, int] = {}  # data pointer of a leaf's .grad -> id(leaf), for in-place writes
+        self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
+        self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
+
+    def clear(self) -> None:
+        for store in (self.history, self.final, self.shared, self.watched, self.changed_in_place, self.summed):
+            store.clear()
+
+    def stop_watching(self) -> None:
+        """The recording is over: writes are no longer seen (a later change shows as a version change)."""
+        self.shared.clear()
+        self.watched.clear()
+
+    def release(self, record: bw.PassRecord) -> None:
+        """A pass is let go (a later one from the same line replaces it): its norms now, while its
+        gradients are still those it computed."""
+        self.norms(record)
+        if self.shared:
+            for edge in record.versions:
+                grad = record.gradient(edge)
+                if isinstance(grad, torch.Tensor):
+                    self.shared.discard(grad.data_ptr())
+
+    # -- in-place writes to gradients we keep ----------------------------------------------
+    def before_in_place(self, written: Any) -> None:
+        """An op is about to write ``written`` (a tensor, or a list of them) in place. Where one is a
+        leaf's ``.grad`` (clipping, ``zero_()``), note it; where that ``.grad`` is also a gradient
+        the trace keeps, copy it first: the trace keeps what the pass computed."""
+        hit: set[int] = set()
+        if isinstance(written, (list, tuple)):
+            for item in written:
+                self._hit(item, hit)
+        else:
+            self._hit(written, hit)
+        if hit:
+            self.changed_in_place.update(self.watched[pointer] for pointer in hit)
+            shared = hit & self.shared
+            if shared:
+                self._unshare(shared)
+
+    def _hit(self, value: Any, hit: set[int]) -> None:
+        kind = type(value)
+        if kind is torch.Tensor or kind is torch.nn.Parameter:
+            try:
+                pointer = value.data_ptr()
+            except Exception:  # sparse, meta
+                return
+        elif issubclass(kind, torch.Tensor):
+            try:
+                with _no_subclass():
+                    pointer = value.data_ptr()
+            except Exception:
+                return
+        else:
+            return
+        if pointer in self.watched:
+            hit.add(pointer)
+
+    def _unshare(self, pointers: set[int]) -> None:
+        """Replace every kept gradient sharing memory with the ``.grad`` tensors at ``pointers`` by a copy."""
+        storages = set()
+        for record in self.passes:
+            for part in (record, *record.inner):
+                for _, _, grad in part.tensors():
+                    try:
+                        if grad.data_ptr() in pointers:
+                            storages.add(grad.untyped_storage().data_ptr())
+                    except Exception:
+                        continue
+        for record in self.passes:
+            for part in (record, *record.inner):
+                for container, key, grad in list(part.tensors()):
+                    try:
+                        if grad.untyped_storage().data_ptr() in storages:
+                            container[key] = grad.clone()
+                    except Exception:
+                        continue
+                part.versions.clear()
+        self.shared -= pointers
+
+    # -- a pass's leaves -------------------------------------------------------------------------
+    def accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int) -> list:
+        """Each leaf's gradient (the first ``count`` edges) into its ``.grad``, by its own
+        AccumulateGrad node's rules, as the engine would have."""
+        leaves = []
+        for i in range(count):
+            grad = grads[i]
+            if grad is None:
+                continue
+            edge = edges[i]
+            node = edge[0]
+            leaf = node.variable
+            old = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
+            if old is not None and self.shared:
+                pointer = old.data_ptr() if not old.is_sparse else 0
+                if pointer in self.shared:
+                    self._unshare({pointer})  # accumulating into it would change the earlier pass's gradient
+            key = id(leaf)
+            if old is None:
+                self.summed[key] = 1
+                self.changed_in_place.discard(key)
+            else:
+                self.summed[key] = self.summed.get(key, 1) + 1
+            # held by the grads tuple, `grad` and getrefcount's argument; more means a user's hook kept it
+            others_hold_it = sys.getrefcount(grad) > 3
+            if bw.accumulate_leaf(node, grad, others_hold_it) and grad.data_ptr():  # (a meta tensor has none)
+                pointer = grad.data_ptr()
+                self.shared.add(pointer)
+                self.watched[pointer] = id(leaf)
+                record.versions[edge] = grad._version
+            else:
+                self.watch(leaf)
+            leaves.append((leaf, edge, grad))
+        return leaves
+
+    def watch(self, leaf: torch.Tensor) -> None:
+        """Note where ``leaf.grad`` lives, so an in-place write to it later is seen."""
+        grad = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
+        try:
+            if grad is not None and not grad.is_sparse and grad.data_ptr():
+                self.watched[grad.data_ptr()] = id(leaf)
+        except Exception:
+            pass
+
+    def note(self, record: bw.PassRecord, leaves: list) -> None:
+        """Note which leaves this pass reached. Their norms are taken when the pass is let go (a later
+        pass from the same line replaces it) or when the trace is built, from the kept gradients,
+        which the copy-before-write keeps as the pass computed them."""
+        if not leaves:
+            return
+        record.leaf_grads.extend((leaf, edge) for leaf, edge, _ in leaves)
+        for leaf, _, _ in leaves:
+            entry = self.history.get(id(leaf))
+            if entry is None:
+                entry = self.history[id(leaf)] = (leaf, [])
+            if not entry[1] or entry[1][-1][0] != record.index:
+                entry[1].append((record.index, None))
+
+    def norms(self, record: bw.PassRecord) -> None:
+        """Fill in the norms of ``record``'s leaf gradients in ``leaf_history`` (NaN where not kept intact)."""
+        pairs = [(leaf, edge) for leaf, edge in record.leaf_grads]
+        if not pairs:
+            return
+        values = [record.gradient(edge) if record.intact(edge) else None for _, edge in pairs]
+        present = [i for i, value in enumerate(values) if value is not None]
+        norms = norms_of([values[i] for i in present])
+        by_leaf = {id(pairs[i][0]): norm for i, norm in zip(present, norms)}
+        for leaf, _ in pairs:
+            entry = self.history.get(id(leaf))
+            if entry is None:
+                continue
+            history = entry[1]
+            for k, (index, norm) in enumerate(history):
+                if index == record.index and norm is None:
+                    history[k] = (index, by_leaf.get(id(leaf), float("nan")))
+
+    @staticmethod
+    def _note(passes: int, changed: bool) -> str:
+        if passes > 1 and changed:
+            return f".grad is the sum over the {passes} passes that reached it, changed in place since " \
+                   "(clipped, scaled or zeroed)"
+        if passes > 1:
+            return f".grad is the sum over the {passes} passes that reached it (PyTorch adds them up)"
+        if changed:
+            return ".grad was changed in place after the pass (clipped, scaled or zeroed)"
+        return ".grad differs from the pass's gradient (changed by code the trace did not see)"
+
+    def snapshot(self) -> None:
+        """Each leaf's ``.grad`` as the code left it, where it is not simply the last pass's gradient."""
+        last_gradient: dict[int, Any] = {}
+        for record in self.passes:
+            if not record.kept:
+                continue
+            for leaf, edge in record.leaf_grads:
+                last_gradient[id(leaf)] = (record, edge)
+        for key, (leaf, history) in self.history.items():
+            now = _grad_of(leaf)
+            found = last_gradient.get(key)
+            shown = None
+            if found is not None:
+                shown = found[0].gradient(found[1])
+            passes = {index for index, _ in history}
+            if now is None:
+                self.final[key] = (None, None, ".grad is None now (set to None after the last pass, e.g. "
+                                                      "zero_grad())")
+                continue
+            if shown is now and found[1] in found[0].versions and found[0].versions[found[1]] == now._version:
+                continue  # .grad is the very tensor the last pass gave, unchanged
+            if _equal(shown, now):
+                continue  # .grad holds what the last pass gave (zeroed, then accumulated once)
+            note = self._note(self.summed.get(key, len(passes)), key in self.changed_in_place)
+            try:
+                summary = PendingSummary(now, self.small_values)
+            except Exception:
+                continue
+            self.final[key] = (summary, now._version, note)
