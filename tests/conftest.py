@@ -25,6 +25,7 @@ def torch_state() -> dict:
         "grad enabled": torch.is_grad_enabled(),
         "engine": (torch.autograd.graph._engine_run_backward, torch.autograd._engine_run_backward),
         "Function.apply": torch.autograd.function.Function.__dict__["apply"],
+        "will_engine_execute_node": torch._C._will_engine_execute_node,
     }
     state.update({name: len(getattr(nn_module, name)) for name in GLOBAL_MODULE_HOOKS})
     return state

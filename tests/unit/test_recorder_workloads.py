@@ -391,3 +391,117 @@ def test_an_optimizer_step_reading_grad_is_not_a_change_to_grad():
         node = t.node(f"model.{name}")
         assert node.leaf_grad is None and node.leaf_grad_note is None, node.leaf_grad_note
         assert torch.equal(t.grad(f"model.{name}"), param.grad)
+
+
+def test_a_views_kept_gradient_that_shares_grads_memory_is_not_changed_by_clipping_after_the_trace():
+    """linear's w.t(): its backward hands w a view of t's gradient, which becomes w.grad itself."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    xb = torch.randn(5, 3)
+    with torchmagic.trace() as t:
+        wt = w.t()
+        loss = (xb @ wt).pow(2).sum()
+        loss.backward()
+    expected_w = w.grad.clone()
+    torch.nn.utils.clip_grad_norm_([w], max_norm=1.0)  # after the block: the trace cannot see it
+    assert t.grad_history["w"] == [(0, pytest.approx(expected_w.norm().item()))]  # taken when the block ended
+    with pytest.raises(LookupError, match="changed in place"):
+        t.grad("wt")  # no value PyTorch did not compute: it says the kept memory changed
+    with pytest.raises(LookupError, match="changed in place"):
+        t.grad("w")
+
+
+def test_clipping_inside_the_trace_keeps_the_views_gradient_too():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    xb = torch.randn(5, 3)
+    with torchmagic.trace() as t:
+        wt = w.t()
+        loss = (xb @ wt).pow(2).sum()
+        loss.backward()
+        expected_wt = w.grad.t().clone()
+        torch.nn.utils.clip_grad_norm_([w], max_norm=1.0)
+    assert torch.equal(t.grad("wt"), expected_wt) and torch.equal(t.grad("w"), expected_wt.t())
+
+
+def test_a_write_through_a_view_of_grad_is_seen():
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    with torchmagic.trace() as t:
+        loss = (w * 3).sum()
+        loss.backward()
+        w.grad[1:].mul_(0.0)
+    assert torch.equal(t.grad("w"), torch.full((4, 3), 3.0))
+    assert "changed in place" in t.node("w").leaf_grad_note
+
+
+def test_a_freed_grads_address_reused_by_another_tensor_is_not_taken_for_grad():
+    torch.manual_seed(0)
+    w = torch.randn(100, requires_grad=True)
+    with torchmagic.trace() as t:
+        for _ in range(5):
+            w.grad = None
+            label = torch.zeros(100)  # may land where the freed .grad was
+            for _ in range(2):
+                loss = (w * w).sum()
+                loss.backward()
+                label.fill_(1.0)
+    assert "changed in place" not in (t.node("w").leaf_grad_note or "")
+    assert "sum over the 2 passes" in t.node("w").leaf_grad_note
+
+
+def test_a_hook_put_before_the_trace_is_honoured():
+    """Forward and hook in one cell, backward in the next: what flowed on is past the hook."""
+    x = torch.randn(3, requires_grad=True)
+    y = x * 2
+    y.register_hook(lambda g: g * 10)
+    with torchmagic.trace() as t:
+        z = (y ** 2).sum()
+        z.backward()
+    assert torch.allclose(t.grad("y"), 20 * y.detach())
+    assert torch.allclose(x.grad, 40 * y.detach())
+
+
+def test_multi_grad_hooks_and_flop_counting_run_traced_as_untraced():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def run(traced: bool):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+        x = torch.randn(4, 8, requires_grad=True)
+        seen = []
+        torch.autograd.graph.register_multi_grad_hook((x, model[0].weight), lambda grads: seen.append(len(grads)))
+        counter = FlopCounterMode(display=False)
+        if traced:
+            with torchmagic.trace(), counter:
+                model(x).sum().backward()
+        else:
+            with counter:
+                model(x).sum().backward()
+        return counter.get_total_flops(), seen, x.grad.clone()
+
+    plain, traced = run(False), run(True)
+    assert plain[0] == traced[0] and plain[1] == traced[1] and torch.equal(plain[2], traced[2])
+
+
+def test_torch_compile_aot_backend_is_one_op_and_its_compile_time_passes_are_not_the_users():
+    import torch._dynamo.utils as dynamo_utils
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.ReLU(), nn.Linear(5, 1))
+    xb = torch.randn(7, 3)
+    expected = torch.autograd.grad(model(xb).pow(2).mean(), list(model.parameters()))
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    with torchmagic.trace() as t:
+        out = compiled(xb)
+        loss = out.pow(2).mean()
+        loss.backward()
+    try:
+        assert len(t.passes) == 1 and not dynamo_utils.counters["graph_break"]  # our hooks broke no graph
+        assert t.node("out").op == "CompiledFunction" and any("torch.compile" in note for note in t.notes)
+        for (name, _), grad in zip(model.named_parameters(), expected):
+            assert torch.allclose(t.grad(f"model.{name}"), grad, atol=1e-6)
+    finally:
+        torch._dynamo.reset()

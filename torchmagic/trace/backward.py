@@ -71,11 +71,12 @@ class Walk:
     no new objects (each one kept is one more for Python's garbage collector to scan).
     """
 
-    __slots__ = ("seen", "leaf_edges", "edges", "kinds", "sinks", "signature")
+    __slots__ = ("seen", "leaf_edges", "leaf_parents", "edges", "kinds", "sinks", "signature")
 
     def __init__(self, roots: Sequence[Edge]) -> None:
         seen: set[Any] = set()
         leaf_edges: list[Edge] = []
+        leaf_parents: list[Any] = []  # the node whose gradient each leaf's came from (None for a root)
         edges: list[Edge] = []
         kinds: list[type] = []
         sinks = 0
@@ -85,9 +86,13 @@ class Walk:
             if node is not None and node not in seen:
                 seen.add(node)
                 stack.append(node)
-                (leaf_edges if type(node) is ACCUMULATE_GRAD else edges).append(edge)
+                if type(node) is ACCUMULATE_GRAD:
+                    leaf_edges.append(edge)
+                    leaf_parents.append(None)
+                else:
+                    edges.append(edge)
         push, pop, add, accumulate_grad = stack.append, stack.pop, seen.add, ACCUMULATE_GRAD
-        leaf_edge, edge_add = leaf_edges.append, edges.append
+        leaf_edge, leaf_parent, edge_add = leaf_edges.append, leaf_parents.append, edges.append
         while stack:
             node = pop()
             kind = type(node)
@@ -105,6 +110,7 @@ class Walk:
                         add(child)
                         push(child)
                         leaf_edge(edge)
+                        leaf_parent(node)
                 else:
                     edge_add(edge)
                     if child not in seen:
@@ -114,6 +120,7 @@ class Walk:
                 sinks += 1
         self.seen = seen
         self.leaf_edges = leaf_edges
+        self.leaf_parents = leaf_parents
         self.edges = list(dict.fromkeys(edges))  # a tensor used twice appears once
         self.kinds = kinds
         self.sinks = sinks
@@ -191,12 +198,12 @@ class PassRecord:
         return None
 
     def tensors(self):
-        """(container, key, tensor) for every kept tensor, so one can be replaced where it is kept."""
+        """(container, key, edge, tensor) for every kept tensor, so one can be replaced where it is kept."""
         for i, value in enumerate(self.values):
             if isinstance(value, torch.Tensor):
-                yield self.values, i, value
+                yield self.values, i, self.edges[i], value
         for edge, value in self.grads.items():
-            yield self.grads, edge, value
+            yield self.grads, edge, edge, value
 
     def intact(self, edge: Edge) -> bool:
         """Whether the tensor kept for ``edge`` still holds what the pass computed (a leaf's gradient

@@ -27,8 +27,8 @@ NOT_CALLED = "backward not called yet"
 NOT_REACHABLE = "not reachable from the output"
 NO_GRAD = "used only under torch.no_grad()"
 DETACHED = "used only through .detach()"
-CHANGED_IN_PLACE = (".grad was changed in place after the pass, by code the trace did not see; "
-                    "the norm per pass was taken before")
+CHANGED_IN_PLACE = ("its gradient was kept in a leaf's .grad (no copy), which code the trace did not see "
+                    "changed in place; a leaf's norm per pass was taken before")
 PASS_THROUGH = frozenset({HOOK_WRAPPER, "AliasBackward0"})  # identity nodes drawn as the edge they pass on
 RECENT_LOGS = 4  # forward logs kept per thread, so a later cell's backward can name an earlier cell's ops
 CUT_WALK_LIMIT = 20_000  # nodes walked, in all, to find the leaves a detach cut off
@@ -523,8 +523,8 @@ class Builder:
         if recomputed:
             out.append(f"{len(recomputed)} ops were recomputed during backward by reentrant checkpoint; "
                        "their gradients are from that recomputation")
-        if any(n.op == "compiled_function" for n in nodes):
-            out.append("torch.compile'd regions are drawn as one op each (compiled_function): "
+        if any(n.op in ("CompiledFunction", "compiled_function") for n in nodes):
+            out.append("torch.compile'd regions are drawn as one op each (CompiledFunction): "
                        "their insides are not recorded")
         return out
 

@@ -15,6 +15,14 @@ from .stats import PendingSummary, norms_of
 
 _no_subclass = torch._C.DisableTorchFunctionSubclass
 
+# Backward nodes of view ops: each returns a view of the gradient it receives.
+VIEW_BACKWARDS = frozenset({
+    "TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0", "ViewBackward0",
+    "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
+    "UnsqueezeBackward0", "ExpandBackward0", "AliasBackward0", "AsStridedBackward0", "SliceBackward0",
+    "SelectBackward0", "UnbindBackward0", "DiagonalBackward0", "NarrowBackward0",
+})
+
 
 def _grad_of(leaf: torch.Tensor) -> Any:
     """``leaf.grad``, not through a subclass's ``__torch_function__`` (and without the cost of the
@@ -45,7 +53,7 @@ class LeafLedger:
         self.history: dict[int, tuple[torch.Tensor, list[tuple[int, Any]]]] = {}  # id(leaf) -> (leaf, [(pass, norm)])
         self.final: dict[int, tuple[Any, int | None, str | None]] = {}  # id(leaf) -> (summary, version, note)
         self.shared: set[int] = set()  # data pointers of leaves' .grad that are also a kept gradient
-        self.watched: dict[int, int] = {}  # data pointer of a leaf's .grad -> id(leaf), for in-place writes
+        self.watched: dict[int, torch.Tensor] = {}  # data pointer of a leaf's .grad -> the leaf, for in-place writes
         self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
         self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
 
@@ -71,8 +79,8 @@ class LeafLedger:
     # -- in-place writes to gradients we keep ----------------------------------------------
     def before_in_place(self, written: Any) -> None:
         """An op is about to write ``written`` (a tensor, or a list of them) in place. Where one is a
-        leaf's ``.grad`` (clipping, ``zero_()``), note it; where that ``.grad`` is also a gradient
-        the trace keeps, copy it first: the trace keeps what the pass computed."""
+        leaf's ``.grad`` (clipping, ``zero_()``), note it; where it is memory of a gradient the trace
+        keeps, copy that gradient first: the trace keeps what the pass computed."""
         hit: set[int] = set()
         if isinstance(written, (list, tuple)):
             for item in written:
@@ -80,35 +88,47 @@ class LeafLedger:
         else:
             self._hit(written, hit)
         if hit:
-            self.changed_in_place.update(self.watched[pointer] for pointer in hit)
             shared = hit & self.shared
             if shared:
                 self._unshare(shared)
 
     def _hit(self, value: Any, hit: set[int]) -> None:
+        """If ``value`` is (a view of) a watched leaf's ``.grad``: note the change, and add its address."""
         kind = type(value)
         if kind is torch.Tensor or kind is torch.nn.Parameter:
             try:
-                pointer = value.data_ptr()
+                pointer, base = value.data_ptr(), value._base
             except Exception:  # sparse, meta
                 return
         elif issubclass(kind, torch.Tensor):
             try:
                 with _no_subclass():
-                    pointer = value.data_ptr()
+                    pointer, base = value.data_ptr(), value._base
             except Exception:
                 return
         else:
             return
-        if pointer in self.watched:
-            hit.add(pointer)
+        leaf = self.watched.get(pointer)
+        if leaf is None and base is not None:  # a view of .grad (w.grad[1:]) writes into it too
+            pointer = base.data_ptr()
+            leaf = self.watched.get(pointer)
+        if leaf is None:
+            return
+        grad = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
+        if grad is not None and grad.data_ptr() == pointer:
+            self.changed_in_place.add(id(leaf))
+        elif pointer not in self.shared:  # .grad was replaced or freed, and the address may be reused
+            del self.watched[pointer]
+            return
+        hit.add(pointer)  # (a shared address is the trace's own gradient, whoever writes to it)
 
     def _unshare(self, pointers: set[int]) -> None:
-        """Replace every kept gradient sharing memory with the ``.grad`` tensors at ``pointers`` by a copy."""
+        """Replace every kept gradient sharing memory with the ``.grad`` tensors at ``pointers`` by a
+        copy (a copy is the trace's own: no longer shared, no version to watch)."""
         storages = set()
         for record in self.passes:
             for part in (record, *record.inner):
-                for _, _, grad in part.tensors():
+                for _, _, _, grad in part.tensors():
                     try:
                         if grad.data_ptr() in pointers:
                             storages.add(grad.untyped_storage().data_ptr())
@@ -116,20 +136,23 @@ class LeafLedger:
                         continue
         for record in self.passes:
             for part in (record, *record.inner):
-                for container, key, grad in list(part.tensors()):
+                for container, key, edge, grad in list(part.tensors()):
                     try:
                         if grad.untyped_storage().data_ptr() in storages:
                             container[key] = grad.clone()
+                            part.versions.pop(edge, None)
                     except Exception:
                         continue
-                part.versions.clear()
         self.shared -= pointers
 
     # -- a pass's leaves -------------------------------------------------------------------------
-    def accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int) -> list:
+    def accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int,
+                   parents: list | None = None) -> list:
         """Each leaf's gradient (the first ``count`` edges) into its ``.grad``, by its own
-        AccumulateGrad node's rules, as the engine would have."""
+        AccumulateGrad node's rules, as the engine would have. ``parents``: the node each leaf's
+        gradient came from, where a view's backward may have made it share memory with another."""
         leaves = []
+        stolen_from_views: dict[Any, torch.Tensor] = {}
         for i in range(count):
             grad = grads[i]
             if grad is None:
@@ -153,19 +176,36 @@ class LeafLedger:
             if bw.accumulate_leaf(node, grad, others_hold_it) and grad.data_ptr():  # (a meta tensor has none)
                 pointer = grad.data_ptr()
                 self.shared.add(pointer)
-                self.watched[pointer] = id(leaf)
+                self.watched[pointer] = leaf
                 record.versions[edge] = grad._version
+                parent = parents[i] if parents is not None else None
+                if parent is not None and type(parent).__name__ in VIEW_BACKWARDS:
+                    stolen_from_views[parent] = grad
             else:
                 self.watch(leaf)
             leaves.append((leaf, edge, grad))
+        if stolen_from_views:
+            self._share_views(record, edges, grads, stolen_from_views)
         return leaves
+
+    @staticmethod
+    def _share_views(record: bw.PassRecord, edges: list, grads: tuple, stolen: dict[Any, torch.Tensor]) -> None:
+        """A view's backward (``w.t()`` in ``linear``) hands its leaf a view of the gradient it got:
+        once that leaf's ``.grad`` is that memory, the gradient kept for the view is shared too, and
+        is watched like it (copied before an in-place write, its version checked when read)."""
+        storages = {grad.untyped_storage().data_ptr() for grad in stolen.values()}
+        for i, edge in enumerate(edges):
+            if edge[0] in stolen:
+                value = grads[i]
+                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in storages:
+                    record.versions[edge] = value._version
 
     def watch(self, leaf: torch.Tensor) -> None:
         """Note where ``leaf.grad`` lives, so an in-place write to it later is seen."""
         grad = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
         try:
             if grad is not None and not grad.is_sparse and grad.data_ptr():
-                self.watched[grad.data_ptr()] = id(leaf)
+                self.watched[grad.data_ptr()] = leaf
         except Exception:
             pass
 
@@ -213,7 +253,12 @@ class LeafLedger:
         return ".grad differs from the pass's gradient (changed by code the trace did not see)"
 
     def snapshot(self) -> None:
-        """Each leaf's ``.grad`` as the code left it, where it is not simply the last pass's gradient."""
+        """At the end of the recording: the norms of the passes still kept (their gradients are what
+        they computed now; code after the recording may change a ``.grad`` they share), and each
+        leaf's ``.grad`` as the code left it, where it is not simply the last pass's gradient."""
+        for record in self.passes:
+            if record.kept:
+                self.norms(record)
         last_gradient: dict[int, Any] = {}
         for record in self.passes:
             if not record.kept:

@@ -48,6 +48,11 @@ UNTRACED_TRANSFORMS = ("torch.func transform", "code inside torch.func transform
                        "untouched: their inner gradients are not in this trace")
 
 
+def _traced_by_compiler(value: Any) -> bool:
+    """A fake or functional tensor: torch.compile tracing a graph, not the user's code running."""
+    return type(value).__module__.startswith("torch._subclasses")
+
+
 def recorders_holding_state() -> list[Recorder]:
     """Recorders still active or still holding gradients or tensors (the leak check uses this)."""
     return [r for r in list(_live_recorders) if r.active or r.holds_state]
@@ -83,6 +88,9 @@ class Recorder:
         self._installed_engine: Any = None
         self._original_apply: Any = None
         self._installed_apply: Any = None
+        self._original_will_execute: Any = None
+        self._installed_will_execute: Any = None
+        self._capturing: set[Any] | None = None  # the nodes of the captured pass running now
         self._closed = False
         self._distributed = False
         self._running: bw.PassRecord | None = None
@@ -100,18 +108,20 @@ class Recorder:
     def start(self) -> None:
         if self._mode is not None:
             raise RuntimeError("recorder already started")
+        self._note_earlier_hooks()
         self.log = ForwardLog()
         self._thread = self.log.thread
         log = self.log
         thread = self._thread
         get_ident, getframe = threading.get_ident, sys._getframe
 
+        # Dynamo traces module hooks into compiled code: under torch.compile they must do nothing
         def enter(module, args):
-            if get_ident() == thread:
+            if not _is_compiling() and get_ident() == thread:
                 log.enter_module(module, getframe(1))
 
         def leave(module, args, output):
-            if get_ident() == thread:
+            if not _is_compiling() and get_ident() == thread:
                 log.leave_module()
 
         self._module_handles = [nn_module.register_module_forward_pre_hook(enter),
@@ -128,6 +138,18 @@ class Recorder:
 
         self._installed_apply = classmethod(apply)
         Function.apply = self._installed_apply
+        original_will_execute = self._original_will_execute = torch._C._will_engine_execute_node
+
+        def will_execute(node):
+            # asked by multi-grad hooks (FlopCounterMode, FSDP) during a pass: a captured pass runs as
+            # autograd.grad, where a leaf's node never runs; untraced, the leaves of the graph would
+            capturing = self._capturing
+            if capturing is not None and type(node) is bw.ACCUMULATE_GRAD:
+                return node in capturing
+            return original_will_execute(node)
+
+        self._installed_will_execute = will_execute
+        torch._C._will_engine_execute_node = will_execute
         self._original_engine = graph_module._engine_run_backward
         self._installed_engine = self._engine  # one bound method, so stop() can find it by identity
         graph_module._engine_run_backward = autograd_module._engine_run_backward = self._installed_engine
@@ -155,6 +177,9 @@ class Recorder:
             apply, self._installed_apply = self._installed_apply, None
             if apply is not None and Function.__dict__.get("apply") is apply:
                 Function.apply = self._original_apply
+            will_execute, self._installed_will_execute = self._installed_will_execute, None
+            if will_execute is not None and torch._C._will_engine_execute_node is will_execute:
+                torch._C._will_engine_execute_node = self._original_will_execute
             self._closed = True  # a wrapper someone wrapped in turn stays installed, passing calls through
             if mode is not None:
                 self.log.close()
@@ -174,6 +199,24 @@ class Recorder:
         self.hooked.clear()
         self.ledger.clear()
         self.log = ForwardLog()
+
+    def _note_earlier_hooks(self) -> None:
+        """Hooks put on tensors before the recording (the forward in one cell, backward in the next):
+        their nodes get a prehook in capture mode too, so what is shown is what flowed on."""
+        if self.namespace_source is None:
+            return
+        try:
+            values = list(self.namespace_source().values())
+        except Exception:
+            return
+        for value in values:
+            if issubclass(type(value), torch.Tensor):
+                try:
+                    with _no_subclass():
+                        if value._backward_hooks and value.grad_fn is not None:
+                            self.hooked[value.grad_fn] = None
+                except Exception:
+                    continue
 
     # -- forward side paths (rare: most ops only append to the log) ------------------------
     def note_untraced(self, func: Any) -> None:
@@ -273,6 +316,8 @@ class Recorder:
             return original(outputs, *args, **kwargs)
         if _peek_transform() is not None:
             self.untraced.setdefault(*UNTRACED_TRANSFORMS)
+            return original(outputs, *args, **kwargs)
+        if _is_compiling() or any(_traced_by_compiler(t) for t in outputs):  # AOTAutograd tracing a backward
             return original(outputs, *args, **kwargs)
         call = bw.EngineCall(outputs, args, kwargs)
         record = bw.PassRecord(len(self.passes), "backward" if call.accumulate_grad else "grad", user_location())
@@ -381,8 +426,12 @@ class Recorder:
             edges, summarised = self._split_for_budget(edges)
             norms_only = bw.GradientKeeper(record, 0, self.small_values)  # far from the output: norms alone
             hooked += [(node, norms_only) for node in summarised]
-        user_grads, grads = self._run_own(bw.run_captured, call, self._original_engine, edges, hooked)
-        leaves = self.ledger.accumulate(record, edges, grads, leaf_count)
+        self._capturing = walk.seen if call.accumulate_grad else None
+        try:
+            user_grads, grads = self._run_own(bw.run_captured, call, self._original_engine, edges, hooked)
+        finally:
+            self._capturing = None
+        leaves = self.ledger.accumulate(record, edges, grads, leaf_count, walk.leaf_parents)
         record.edges, record.values = edges, list(grads)
         if len(edges) <= 64 or estimate > self.memory_budget / 2:  # small, or near the budget: count exactly
             self._keep_within_budget(record, keeper)

@@ -254,8 +254,9 @@ class Trace(TraceChecks):
                                   f"since the trace was taken; t.node({name!r}).grad has the statistics of the pass")
             return tensor
         if node.missing_reason == CHANGED_IN_PLACE:
-            raise LookupError(f"the gradient of {name!r} was shared with its .grad, which was changed in place "
-                              "before the trace was read; t.grad_history has its norm per pass")
+            raise LookupError(f"the gradient of {name!r} was kept in a leaf's .grad (no copy), which was changed in "
+                              "place by code the trace did not see (read the trace first, or change .grad inside "
+                              "the traced code); t.grad_history has the leaves' norms per pass")
         if node.grad is not None:
             raise LookupError(
                 f"the gradient of {name!r} was over the memory budget; only its statistics were kept "
