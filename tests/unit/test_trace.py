@@ -231,6 +231,18 @@ def test_past_the_memory_budget_a_gradient_keeps_its_norm_only():
     assert torch.equal(t.grad("x"), torch.full((10,), 2.0))
 
 
+def test_past_the_memory_budget_a_half_precision_norm_does_not_overflow():
+    """A float16 gradient's norm past 65504 is finite: taken in float32, not reported as Inf."""
+    with torchmagic.trace(memory_budget=0) as t:
+        x = torch.ones(100_000, dtype=torch.float16, requires_grad=True)
+        y = x * 1
+        (y * 300).sum().backward()
+    expected = torch.linalg.vector_norm(torch.full((100_000,), 300.0)).item()  # 94868.3, past float16's range
+    summary = t.node("y").grad
+    assert summary.norm_only and summary.finite and summary.norm == pytest.approx(expected, rel=1e-3)
+    assert t.nonfinite_origin is None and "NaN/Inf" not in t.text().split("gradients:")[0]
+
+
 def test_past_the_memory_budget_a_nan_still_shows():
     with torchmagic.trace(memory_budget=0) as t:
         x = torch.tensor([0.0, 1.0], requires_grad=True)
@@ -421,3 +433,29 @@ def test_finite_gradients_whose_float32_norm_overflows_are_not_called_infinite()
     assert pending.finite and pending.norm == pytest.approx(4 * 3e20)
     many = summarize_many([torch.full((100, 100), 3e20)])[0]
     assert many.finite and many.norm == pytest.approx(100 * 3e20)
+
+
+@pytest.mark.parametrize("position", [0, 7, 30])
+def test_one_big_gradient_among_many_small_ones_keeps_to_the_budget(position):
+    """The budget check samples edges to estimate a pass's size; one big gradient it did not
+    sample must still be held to the budget (its norm alone kept)."""
+    def run(traced: bool):
+        torch.manual_seed(0)
+        a = torch.randn(3, requires_grad=True)
+        h, big = a, None
+        for i in range(80):
+            if i == position:
+                big = h.sum() * torch.ones(2_000_000)  # an 8 MB gradient, twice the budget
+                if not traced:
+                    big.retain_grad()
+                h = h + big.mean()
+            else:
+                h = h * 1.0001
+        h.sum().backward()
+        return big
+
+    with torchmagic.trace(memory_budget=4 * 2**20) as t:
+        big = run(True)
+    summary = t.node("big").grad
+    assert summary.norm_only
+    assert summary.norm == pytest.approx(run(False).grad.norm().item(), rel=1e-5)

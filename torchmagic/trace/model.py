@@ -98,7 +98,7 @@ class GradientSummary:
     @property
     def norm_only(self) -> bool:
         """Past the memory budget a trace keeps a gradient's norm alone (mean, min and max are NaN)."""
-        return self.note == NORM_ONLY_NOTE
+        return self.note is not None and self.note.startswith(NORM_ONLY_NOTE)
 
     @property
     def has_statistics(self) -> bool:

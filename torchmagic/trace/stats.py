@@ -177,13 +177,38 @@ def norms_of(gradients: Sequence[Any]) -> list[Any]:
                     out[i] = PendingSummary(grad, 0).norm
             except Exception:
                 continue
-        if dense:
+        low = [i for i in dense if gradients[i].dtype in _LOW_PRECISION]  # their norm overflows early
+        wide = [i for i in dense if gradients[i].dtype not in _LOW_PRECISION]
+        for group, dtype in ((wide, None), (low, torch.float32)):
+            if not group:
+                continue
             try:
-                for i, norm in zip(dense, torch._foreach_norm([gradients[i] for i in dense])):
+                for i, norm in zip(group, torch._foreach_norm([gradients[i] for i in group], dtype=dtype)):
                     out[i] = norm
             except Exception:
-                for i in dense:
-                    out[i] = torch.linalg.vector_norm(gradients[i])
+                for i in group:
+                    out[i] = torch.linalg.vector_norm(gradients[i], dtype=dtype)
+    return out
+
+
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def floats_of(values: Sequence[Any]) -> list[float]:
+    """Numbers (floats or 0-dim tensors, on any device) as floats: the tensors of each device
+    stacked and read back at once, one sync per device rather than one per value."""
+    out = [float("nan")] * len(values)
+    by_device: dict[Any, list[int]] = {}
+    for i, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            by_device.setdefault(value.device, []).append(i)
+        elif value is not None:
+            out[i] = float(value)
+    with _no_subclass(), torch.no_grad():
+        for indices in by_device.values():
+            stacked = torch.stack([values[i].detach().reshape(()).to(torch.float64) for i in indices])
+            for i, number in zip(indices, stacked.tolist()):
+                out[i] = number
     return out
 
 
@@ -290,7 +315,8 @@ class NormOnly:
         with _no_subclass(), torch.no_grad():
             if _special(tensor) is not None or not tensor.is_floating_point():
                 return PendingSummary(tensor, 0)
-            return cls(tuple(tensor.shape), tensor.dtype, tensor.numel(), torch.linalg.vector_norm(tensor.detach()))
+            dtype = torch.float32 if tensor.dtype in _LOW_PRECISION else None  # (a float16 norm overflows at 65504)
+            return cls(tuple(tensor.shape), tensor.dtype, tensor.numel(), torch.linalg.vector_norm(tensor.detach(), dtype=dtype))
 
     @classmethod
     def of_many(cls, tensors: Sequence[torch.Tensor]) -> list[Any]:
@@ -302,5 +328,8 @@ class NormOnly:
     def resolve(self) -> GradientSummary:
         norm = float(self.norm)
         nan = float("nan")
+        note = NORM_ONLY_NOTE
+        if math.isinf(norm):
+            note += " (an Inf norm: an Inf element, or a sum of squares past the range of float32)"
         return GradientSummary(self.shape, self.numel, nan, nan, nan, norm, int(math.isnan(norm)),
-                               int(math.isinf(norm)), None, NORM_ONLY_NOTE)
+                               int(math.isinf(norm)), None, note)
