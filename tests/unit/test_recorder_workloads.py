@@ -505,3 +505,38 @@ def test_torch_compile_aot_backend_is_one_op_and_its_compile_time_passes_are_not
             assert torch.allclose(t.grad(f"model.{name}"), grad, atol=1e-6)
     finally:
         torch._dynamo.reset()
+
+
+def test_post_accumulate_hooks_change_grad_not_the_gradient_shown():
+    """An optimizer step in backward (``register_post_accumulate_grad_hook``) halves or consumes
+    ``.grad``: the trace shows what the pass computed, the leaf ends as it would untraced."""
+    x = torch.tensor([1.0, 2.0, 3.0])
+
+    def run(traced: bool):
+        torch.manual_seed(0)
+        w = torch.randn(3, requires_grad=True)
+        v = torch.randn(3, requires_grad=True)
+
+        def halve(p):
+            p.grad.mul_(0.5)
+
+        w.register_post_accumulate_grad_hook(halve)
+
+        def step(p):
+            with torch.no_grad():
+                p.add_(p.grad, alpha=-0.1)
+            p.grad = None
+
+        v.register_post_accumulate_grad_hook(step)
+        if traced:
+            with torchmagic.trace() as t:
+                (w * x + v * x).sum().backward()
+        else:
+            t = None
+            (w * x + v * x).sum().backward()
+        return t, w.grad.clone(), v.grad, v.detach().clone()
+
+    plain, (t, w_grad, v_grad, v_now) = run(False), run(True)
+    assert torch.equal(w_grad, plain[1]) and torch.equal(w_grad, 0.5 * x)
+    assert v_grad is None and plain[2] is None and torch.equal(v_now, plain[3])
+    assert torch.equal(t.grad("w"), x) and torch.equal(t.grad("v"), x)  # d/dw of sum(w*x): x, before the hooks

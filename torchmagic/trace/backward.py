@@ -352,9 +352,9 @@ def accumulate_leaf(node: Any, grad: torch.Tensor, others_hold_it: bool) -> bool
     """Accumulate ``grad`` into the leaf's ``.grad`` as AccumulateGrad would, and say whether ``.grad``
     now is ``grad`` itself (shared with the trace, no copy made).
 
-    A first gradient nobody else holds, laid out as the leaf is, becomes ``.grad`` itself, and the
-    post-accumulate hooks run: AccumulateGrad's "steal". Anything else goes through the leaf's own
-    AccumulateGrad node (in-place add, layout-obeying copy, sparse rules, hooks).
+    A first gradient nobody else holds, laid out as the leaf is, on a leaf without post-accumulate
+    hooks, becomes ``.grad`` itself: AccumulateGrad's "steal". Anything else goes through the leaf's
+    own AccumulateGrad node (in-place add, layout-obeying copy, sparse rules, hooks).
     """
     leaf = node.variable
     if type(leaf) not in _PLAIN or type(grad) is not torch.Tensor:
@@ -364,13 +364,11 @@ def accumulate_leaf(node: Any, grad: torch.Tensor, others_hold_it: bool) -> bool
 
 
 def _accumulate(node: Any, leaf: torch.Tensor, grad: torch.Tensor, others_hold_it: bool) -> bool:
-    if not others_hold_it and leaf.grad is None and _stealable(grad, leaf):
+    if not others_hold_it and leaf.grad is None and not leaf._post_accumulate_grad_hooks and _stealable(grad, leaf):
         leaf.grad = grad
-        hooks = leaf._post_accumulate_grad_hooks
-        if hooks:
-            for hook in list(hooks.values()):
-                hook(leaf)
         return True
+    # (a post-accumulate hook may change .grad in place, an optimizer step in backward: the node
+    # gives .grad a copy and runs the hooks itself, and the trace keeps what the pass computed)
     if others_hold_it:  # a user's hook kept it: untraced, AccumulateGrad would copy rather than steal
         grad = grad.clone(memory_format=torch.preserve_format)
     enabled = torch.is_grad_enabled()
