@@ -301,7 +301,7 @@ class Builder:
 
     def _leaf_common(self, node: Any) -> dict[str, Any]:
         variable = node.variable
-        info = self.recorder.leaves.get(id(variable))
+        info = self.recorder.leaves.of(variable)
         params = self.names.params.get(id(variable), [])
         binding_names = [n for n, _ in info.names] if info is not None else []
         all_names = tuple(dict.fromkeys(params + self.names.by_id.get(id(variable), []) + binding_names))
@@ -406,7 +406,7 @@ class Builder:
         out: list[MissingGradient] = []
         reported: set[int] = set()
         cut_leaves = self._cut_leaves(in_graph)
-        for key, info in self.recorder.leaves.items():
+        for key, info in self.recorder.leaves.alive():
             if key in in_graph:
                 continue
             label = self._leaf_label(key, info.names[0][0] if info.names else None)
@@ -425,7 +425,7 @@ class Builder:
             else:
                 reason = NOT_REACHABLE if self.recorder.passes else NOT_CALLED
             reported.add(key)
-            out.append(MissingGradient(label, tuple(info.tensor.shape), reason, self._line(location)))
+            out.append(MissingGradient(label, info.shape, reason, self._line(location)))
         for key, (leaf, cut) in cut_leaves.items():
             if key in reported:
                 continue
@@ -477,8 +477,12 @@ class Builder:
         out: dict[str, list[tuple[int, float]]] = {}
         for record in self.kept:
             self.recorder.ledger.norms(record)
-        for key, (_leaf, norms) in self.recorder.ledger.history.items():
-            info = self.recorder.leaves.get(key)
+        self.recorder.ledger.read_back()
+        for key, (ref, norms) in self.recorder.ledger.history.items():
+            leaf = ref()
+            if leaf is None:
+                continue
+            info = self.recorder.leaves.of(leaf)
             label = self._leaf_label(key, info.names[0][0] if info is not None and info.names else None)
             if label is None:
                 continue

@@ -14,6 +14,7 @@ import functools
 import os
 import sys
 import threading
+import weakref
 from bisect import bisect_right
 from typing import Any
 
@@ -99,17 +100,48 @@ _MODULE_CALL_CODES = _module_call_codes()
 
 
 class LeafInfo:
-    """A leaf tensor that requires grad, seen while recording: what made it, where, what cut it off."""
+    """A leaf tensor that requires grad, seen while recording: what made it, where, what cut it off.
+    It holds the leaf weakly: a loop that makes a fresh leaf each step does not keep them all."""
 
-    __slots__ = ("tensor", "op", "location", "names", "detached", "no_grad")
+    __slots__ = ("ref", "shape", "op", "location", "names", "detached", "no_grad")
 
     def __init__(self, tensor: torch.Tensor, op: str | None, location: Location | None) -> None:
-        self.tensor = tensor
+        self.ref = weakref.ref(tensor)
+        self.shape = tuple(tensor.shape)
         self.op = op
         self.location = location
         self.names: list[tuple[str, Location | None]] = []
         self.detached: Location | None = None  # where .detach() was applied to it
         self.no_grad: Location | None = None  # where it was used under torch.no_grad()
+
+    @property
+    def tensor(self) -> torch.Tensor | None:
+        return self.ref()
+
+
+class LeafTable(dict):
+    """id(leaf) -> LeafInfo, for leaves that are alive: an entry whose leaf died (and whose id a
+    new tensor may now have) is not answered, and dead entries are let go as the table grows."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._prune_at = 1024
+
+    def of(self, tensor: Any) -> LeafInfo | None:
+        info = self.get(id(tensor))
+        return info if info is not None and info.ref() is tensor else None
+
+    def add(self, tensor: torch.Tensor, op: str | None, location: Location | None) -> LeafInfo:
+        info = self[id(tensor)] = LeafInfo(tensor, op, location)
+        if len(self) >= self._prune_at:
+            for key in [key for key, entry in self.items() if entry.ref() is None]:
+                del self[key]
+            self._prune_at = max(1024, 2 * len(self))
+        return info
+
+    def alive(self):
+        """(id, info) of the leaves still alive."""
+        return [(key, info) for key, info in self.items() if info.ref() is not None]
 
 
 class Cut:

@@ -6,12 +6,14 @@ differs from what the last pass gave."""
 from __future__ import annotations
 
 import sys
+import weakref
+from array import array
 from typing import Any
 
 import torch
 
 from . import backward as bw
-from .stats import PendingSummary, norms_of
+from .stats import PendingSummary, floats_of, norms_of
 
 _no_subclass = torch._C.DisableTorchFunctionSubclass
 
@@ -33,6 +35,48 @@ def _grad_of(leaf: torch.Tensor) -> Any:
         return leaf.grad
 
 
+class NormHistory:
+    """One leaf's gradient norm, pass by pass, as ``(pass index, norm)`` items kept in flat arrays.
+    A norm not taken yet is ``None``; one taken but not read back yet (a 0-dim tensor, read back
+    with others in one go) waits in ``pending``."""
+
+    __slots__ = ("passes", "values", "pending")
+
+    def __init__(self) -> None:
+        self.passes = array("q")
+        self.values = array("d")
+        self.pending: dict[int, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.passes)
+
+    def __getitem__(self, k: int) -> tuple[int, Any]:
+        if k < 0:
+            k += len(self.passes)
+        pending = self.pending
+        return self.passes[k], (pending[k] if k in pending else self.values[k])
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self.passes)))
+
+    def open(self, index: int) -> None:
+        """Pass ``index`` reached this leaf (its norm to come)."""
+        if not self.passes or self.passes[-1] != index:
+            self.passes.append(index)
+            self.values.append(float("nan"))
+            self.pending[len(self.passes) - 1] = None
+
+    def set(self, k: int, norm: Any) -> None:
+        if isinstance(norm, float):
+            self.values[k] = norm
+            self.pending.pop(k, None)
+        else:
+            self.pending[k] = norm
+
+
+READ_BACK_EVERY = 1024  # norms (0-dim tensors, maybe on a GPU) read back to floats in one go
+
+
 def _equal(shown: Any, now: torch.Tensor) -> bool:
     if not isinstance(shown, torch.Tensor):
         return False
@@ -50,15 +94,18 @@ class LeafLedger:
     def __init__(self, passes: list[bw.PassRecord], small_values: int) -> None:
         self.passes = passes
         self.small_values = small_values
-        self.history: dict[int, tuple[torch.Tensor, list[tuple[int, Any]]]] = {}  # id(leaf) -> (leaf, [(pass, norm)])
+        self.history: dict[int, tuple[weakref.ref, NormHistory]] = {}  # id(leaf) -> (leaf, its norms)
         self.final: dict[int, tuple[Any, int | None, str | None]] = {}  # id(leaf) -> (summary, version, note)
         self.shared: set[int] = set()  # data pointers of leaves' .grad that are also a kept gradient
-        self.watched: dict[int, torch.Tensor] = {}  # data pointer of a leaf's .grad -> the leaf, for in-place writes
+        self.watched: dict[int, weakref.ref] = {}  # data pointer of a leaf's .grad -> the leaf, for in-place writes
         self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
         self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
+        self._unread: list[tuple[NormHistory, int]] = []  # norms taken, not read back yet
+        self._prune_at = 1024
 
     def clear(self) -> None:
-        for store in (self.history, self.final, self.shared, self.watched, self.changed_in_place, self.summed):
+        for store in (self.history, self.final, self.shared, self.watched, self.changed_in_place, self.summed,
+                      self._unread):
             store.clear()
 
     def stop_watching(self) -> None:
@@ -108,13 +155,14 @@ class LeafLedger:
                 return
         else:
             return
-        leaf = self.watched.get(pointer)
-        if leaf is None and base is not None:  # a view of .grad (w.grad[1:]) writes into it too
+        ref = self.watched.get(pointer)
+        if ref is None and base is not None:  # a view of .grad (w.grad[1:]) writes into it too
             pointer = base.data_ptr()
-            leaf = self.watched.get(pointer)
-        if leaf is None:
+            ref = self.watched.get(pointer)
+        if ref is None:
             return
-        grad = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
+        leaf = ref()
+        grad = None if leaf is None else leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
         if grad is not None and grad.data_ptr() == pointer:
             self.changed_in_place.add(id(leaf))
         elif pointer not in self.shared:  # .grad was replaced or freed, and the address may be reused
@@ -176,7 +224,7 @@ class LeafLedger:
             if bw.accumulate_leaf(node, grad, others_hold_it) and grad.data_ptr():  # (a meta tensor has none)
                 pointer = grad.data_ptr()
                 self.shared.add(pointer)
-                self.watched[pointer] = leaf
+                self.watched[pointer] = weakref.ref(leaf)
                 record.versions[edge] = grad._version
                 parent = parents[i] if parents is not None else None
                 if parent is not None and type(parent).__name__ in VIEW_BACKWARDS:
@@ -205,7 +253,7 @@ class LeafLedger:
         grad = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
         try:
             if grad is not None and not grad.is_sparse and grad.data_ptr():
-                self.watched[grad.data_ptr()] = leaf
+                self.watched[grad.data_ptr()] = weakref.ref(leaf)
         except Exception:
             pass
 
@@ -218,10 +266,20 @@ class LeafLedger:
         record.leaf_grads.extend((leaf, edge) for leaf, edge, _ in leaves)
         for leaf, _, _ in leaves:
             entry = self.history.get(id(leaf))
-            if entry is None:
-                entry = self.history[id(leaf)] = (leaf, [])
-            if not entry[1] or entry[1][-1][0] != record.index:
-                entry[1].append((record.index, None))
+            if entry is None or entry[0]() is not leaf:  # new, or a dead leaf's id reused
+                entry = self.history[id(leaf)] = (weakref.ref(leaf), NormHistory())
+            entry[1].open(record.index)
+        if len(self.history) >= self._prune_at or len(self.watched) >= self._prune_at:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Let go of leaves that died (a loop making a fresh leaf each step) and of addresses no
+        ``.grad`` has any more."""
+        for key in [key for key, (ref, _) in self.history.items() if ref() is None]:
+            del self.history[key]
+        for pointer in [p for p, ref in self.watched.items() if p not in self.shared and ref() is None]:
+            del self.watched[pointer]
+        self._prune_at = max(1024, 2 * max(len(self.history), len(self.watched)))
 
     def norms(self, record: bw.PassRecord) -> None:
         """Fill in the norms of ``record``'s leaf gradients in ``leaf_history`` (NaN where not kept intact)."""
@@ -237,9 +295,27 @@ class LeafLedger:
             if entry is None:
                 continue
             history = entry[1]
-            for k, (index, norm) in enumerate(history):
+            for k in range(len(history) - 1, -1, -1):  # the pass's entry is at or near the end
+                index, norm = history[k]
+                if index < record.index:
+                    break
                 if index == record.index and norm is None:
-                    history[k] = (index, by_leaf.get(id(leaf), float("nan")))
+                    norm = by_leaf.get(id(leaf), float("nan"))
+                    history.set(k, norm)
+                    if not isinstance(norm, float):
+                        self._unread.append((history, k))
+        if len(self._unread) >= READ_BACK_EVERY:
+            self.read_back()
+
+    def read_back(self) -> None:
+        """The norms taken so far, as floats (one read back per device, not one per norm)."""
+        unread, self._unread = self._unread, []
+        try:
+            values = floats_of([history.pending[k] for history, k in unread])
+        except Exception:
+            values = [float("nan")] * len(unread)
+        for (history, k), value in zip(unread, values):
+            history.set(k, value)
 
     @staticmethod
     def _note(passes: int, changed: bool) -> str:
@@ -259,13 +335,17 @@ class LeafLedger:
         for record in self.passes:
             if record.kept:
                 self.norms(record)
+        self.read_back()
         last_gradient: dict[int, Any] = {}
         for record in self.passes:
             if not record.kept:
                 continue
             for leaf, edge in record.leaf_grads:
                 last_gradient[id(leaf)] = (record, edge)
-        for key, (leaf, history) in self.history.items():
+        for key, (ref, history) in self.history.items():
+            leaf = ref()
+            if leaf is None:
+                continue
             now = _grad_of(leaf)
             found = last_gradient.get(key)
             shown = None

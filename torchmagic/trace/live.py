@@ -21,6 +21,7 @@ import torch
 from ..display import TextAndHtml
 from ..render.history import sparkline, sparkline_svg
 from .model import _format_number
+from .stats import floats_of
 
 MAX_MODULE_ROWS = 12  # a live view is a glance: the modules with the largest gradients
 MAX_PASSES_PLOTTED = 2000  # the plots show the latest passes (a sparkline has 40 buckets anyway)
@@ -50,6 +51,7 @@ class LiveView(TextAndHtml):
         self._cursor: dict[int, int] = {}  # id(leaf) -> how much of its norm history is counted
         self._squares: dict[int, dict[str, float]] = {}  # pass index -> module -> sum of squared norms
         self._bad: dict[int, int] = {}
+        self.bad_passes = 0  # passes with a NaN/Inf leaf gradient, over the whole run
         self.error: str | None = None
         recorder.listeners.append(self.on_pass)
 
@@ -85,8 +87,9 @@ class LiveView(TextAndHtml):
     def _collect(self) -> None:
         if self._pending_losses:
             with torch._C.DisableTorchFunction():
-                values = torch.stack([t.float().cpu() for t in self._pending_losses]).tolist()
+                values = floats_of(self._pending_losses)
             self.losses += values
+            del self.losses[:-MAX_PASSES_PLOTTED]
             self._pending_losses = []
         recorder = self.recorder
         for record in recorder.passes:
@@ -105,14 +108,20 @@ class LiveView(TextAndHtml):
                 cursor += 1
             self._cursor[key] = cursor
         if fresh:
-            with torch._C.DisableTorchFunction():  # one read back for all of them
-                values = torch.stack([torch.as_tensor(n, dtype=torch.float64).cpu() for _, _, n in fresh]).tolist()
+            with torch._C.DisableTorchFunction():  # one read back per device for all of them
+                values = floats_of([n for _, _, n in fresh])
             for (module, index, _), value in zip(fresh, values):
                 squares = self._squares.setdefault(index, {})
                 squares[module] = squares.get(module, 0.0) + (value * value if math.isfinite(value) else math.inf)
                 if not math.isfinite(value):
+                    if index not in self._bad:
+                        self.bad_passes += 1
                     self._bad[index] = self._bad.get(index, 0) + 1
         order = sorted(self._squares)[-MAX_PASSES_PLOTTED:]
+        if len(self._squares) > len(order):  # older passes are no longer plotted
+            kept = set(order)
+            self._squares = {index: self._squares[index] for index in order}
+            self._bad = {index: count for index, count in self._bad.items() if index in kept}
         modules: dict[str, list[float]] = {}
         for index in order:
             for module, squares in self._squares[index].items():
@@ -133,7 +142,7 @@ class LiveView(TextAndHtml):
                 labels.setdefault(key, variables[0])
             self._labels = labels
         labels = self._labels
-        for key, info in self.recorder.leaves.items():
+        for key, info in self.recorder.leaves.alive():
             if key not in labels and info.names:
                 labels[key] = info.names[0][0]
         return labels
@@ -157,7 +166,7 @@ class LiveView(TextAndHtml):
         parts = [f"{self.passes} backward pass{'es' if self.passes != 1 else ''}", f"{self.rate:.1f}/s"]
         if self.losses:
             parts.append(f"loss {_format_number(self.losses[-1])} {sparkline(self.losses, 16)}")
-        bad = sum(1 for count in self.nonfinite if count)
+        bad = self.bad_passes
         parts.append(f"NaN/Inf in {bad} pass{'es' if bad != 1 else ''}" if bad else "no NaN/Inf")
         top = self._top_modules()
         if top:

@@ -26,7 +26,7 @@ from .forward import (
     MAX_CUTS,
     Cut,
     ForwardLog,
-    LeafInfo,
+    LeafTable,
     Location,
     RecordingMode,
     _is_compiling,
@@ -58,6 +58,18 @@ def recorders_holding_state() -> list[Recorder]:
     return [r for r in list(_live_recorders) if r.active or r.holds_state]
 
 
+def _total_bytes(values: Any) -> int:
+    """Bytes of the tensors among ``values`` (a tensor shared by several edges counts each time)."""
+    total = 0
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            try:
+                total += value.nbytes
+            except Exception:  # a wrapper or sparse tensor without storage bytes of its own
+                continue
+    return total
+
+
 class Recorder:
     """Records one stretch of code: ``start()``, run the code, ``stop()``; a Trace then builds from it.
 
@@ -69,7 +81,7 @@ class Recorder:
         self.memory_budget = memory_budget
         self.small_values = small_values
         self.log = ForwardLog()  # replaced by start(): the log of the recording
-        self.leaves: dict[int, LeafInfo] = {}
+        self.leaves = LeafTable()
         self.cuts: list[Cut] = []
         self.hooked: dict[Any, None] = {}  # nodes whose tensors got a user hook while recording
         self.passes: list[bw.PassRecord] = []
@@ -243,8 +255,8 @@ class Recorder:
         else:
             is_leaf = False
         if is_leaf:
-            if grad_enabled and name not in _NO_LEAF_OPS and id(out) not in self.leaves:
-                self.leaves[id(out)] = LeafInfo(out, name, user_location())
+            if grad_enabled and name not in _NO_LEAF_OPS and self.leaves.of(out) is None:
+                self.leaves.add(out, name, user_location())
             return
         if name in CUT_OPS or (not grad_enabled and kind is not type(None) and getattr(func, "__name__", "") != "__get__"):
             self._note_cuts(name, args)  # (reading a property, or a call that returns nothing, uses no value)
@@ -268,9 +280,9 @@ class Recorder:
             else:
                 continue
             if node is None:
-                info = self.leaves.get(id(arg))
+                info = self.leaves.of(arg)
                 if info is None:
-                    info = self.leaves[id(arg)] = LeafInfo(arg, None, None)
+                    info = self.leaves.add(arg, None, None)
                 if how == "torch.no_grad()":
                     if info.no_grad is None:
                         info.no_grad = location = location or user_location()
@@ -296,14 +308,13 @@ class Recorder:
             if not bindings or bindings[-1][:2] != (output_nr, name):
                 bindings.append((output_nr, name, location))
         elif requires_grad:
-            info = self.leaves.get(id(value))
+            info = self.leaves.of(value)
             if info is None:
-                info = self.leaves[id(value)] = LeafInfo(value, None, location)
+                info = self.leaves.add(value, None, location)
             if name not in [n for n, _ in info.names]:
                 info.names.append((name, location))
         return value
 
-    # -- in-place writes to gradients we keep ----------------------------------------------
     # -- backward ---------------------------------------------------------------------------
     def _engine(self, outputs: Any, *args: Any, **kwargs: Any) -> Any:
         """Installed as ``_engine_run_backward`` while recording: every backward call passes here."""
@@ -341,6 +352,9 @@ class Recorder:
             raise
         finally:
             self._running = None
+            if self.hooked and not (call.create_graph if call.retain_graph is None else call.retain_graph):
+                for node in walk.seen:  # the graph is freed: its hooked nodes will not run again
+                    self.hooked.pop(node, None)
         self._after_pass(record, call.outputs)
         return result
 
@@ -406,11 +420,12 @@ class Recorder:
         record.drop()
 
     def _run_own(self, function: Any, *args: Any) -> Any:
+        previous = getattr(_own_call, "active", False)
         _own_call.active = True
         try:
             return function(*args)
         finally:
-            _own_call.active = False
+            _own_call.active = previous
 
     def _captured_pass(self, call: bw.EngineCall, record: bw.PassRecord, walk: bw.Walk, roots: list) -> Any:
         if call.accumulate_grad:
@@ -433,8 +448,8 @@ class Recorder:
             self._capturing = None
         leaves = self.ledger.accumulate(record, edges, grads, leaf_count, walk.leaf_parents)
         record.edges, record.values = edges, list(grads)
-        if len(edges) <= 64 or estimate > self.memory_budget / 2:  # small, or near the budget: count exactly
-            self._keep_within_budget(record, keeper)
+        if len(edges) <= 64 or estimate > self.memory_budget / 2 or _total_bytes(grads) > self.memory_budget / 2:
+            self._keep_within_budget(record, keeper)  # near the budget (the estimate may miss one big gradient)
         if not call.accumulate_grad:
             for tensor, grad in zip(call.inputs, user_grads):
                 if grad is not None:

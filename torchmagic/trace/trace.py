@@ -34,7 +34,8 @@ def frame_names(frame: Any) -> dict[str, Any]:
     if frame.f_code.co_flags & inspect.CO_OPTIMIZED:  # a function: its locals are a snapshot dict
         local = frame.f_locals
         names.update(snapshot(local))
-        local.clear()
+        if type(local) is dict:  # (3.13 answers a write-through proxy: clearing it would delete the locals)
+            local.clear()
     else:
         names.update(snapshot(frame.f_locals))
     return names
