@@ -19,7 +19,7 @@ def test_fresh_leaves_of_each_step_are_not_kept_alive():
     first = None
     with torchmagic.trace() as t:
         recorder = t._recorder
-        for step in range(3000):
+        for _step in range(3000):
             x = torch.randn(4, requires_grad=True)  # a fresh leaf each step (an adversarial input, say)
             if first is None:
                 first = weakref.ref(x)
@@ -44,7 +44,7 @@ def test_norm_history_is_exact_and_read_back_as_floats():
     expected = []
     with torchmagic.trace() as t:
         ledger = t._recorder.ledger
-        for step in range(1500):  # 1500 passes x 2 parameters: read back in batches of 1024
+        for _step in range(1500):  # 1500 passes x 2 parameters: read back in batches of 1024
             model.zero_grad()
             model(torch.randn(5, 3)).pow(2).sum().backward()
             expected.append(model.weight.grad.norm().item())
