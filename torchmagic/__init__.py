@@ -14,16 +14,20 @@ _last_conversion = None
 
 def trace(*, max_nodes: int = 500, memory_budget: int = 256 * 2**20, small_values: int = 16,
           depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True,
-          stop_on_nan: bool = False) -> Trace:
+          stop_on_nan: bool = False, per_node_hooks: bool = False) -> Trace:
     """Record the autograd graph built in a ``with`` block, and its gradients.
 
     ``with torchmagic.trace() as t: ...`` then ``t.grad("y")``, ``t.nodes``, ``t.svg()``.
     ``depth``, ``expand`` and ``fold`` say how the diagram shows modules (``t.set_view`` changes it).
     ``stop_on_nan``: raise ``torchmagic.errors.NonFiniteGradient`` at the first backward pass that
     computes a NaN or Inf gradient, saying where it first appeared and what fed it.
+    ``per_node_hooks``: record every backward pass with a hook on each node, the engine running it
+    as untraced (slower): for code with hooks put directly on a leaf's AccumulateGrad node
+    (``p.grad_fn.next_functions[0][0].register_hook``), which a captured pass does not run.
     """
     return Trace(max_nodes=max_nodes, memory_budget=memory_budget, small_values=small_values,
-                 depth=depth, expand=expand, fold=fold, stop_on_nan=stop_on_nan)
+                 depth=depth, expand=expand, fold=fold, stop_on_nan=stop_on_nan,
+                 per_node_hooks=per_node_hooks)
 
 
 def last_trace() -> Trace | None:

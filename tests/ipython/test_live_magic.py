@@ -101,3 +101,18 @@ def test_stop_on_nan_stops_the_cell_at_step_37_naming_the_op_and_line(shell):
 def test_stop_on_nan_lets_a_finite_loop_run_to_its_end(shell):
     shell.run("%%autograd_trace --stop-on-nan --text\n" + TRAINING)
     assert shell.ns["step"] == 39 and len(torchmagic.last_trace().passes) == 40
+
+
+def test_per_node_hooks_runs_a_hook_on_an_accumulate_grad_node(shell):
+    shell.run("%%autograd_trace --per-node-hooks --text\n"
+              "import torch\n"
+              "w = torch.ones(3, requires_grad=True)\n"
+              "moved = []\n"
+              "node = w.view_as(w).grad_fn.next_functions[0][0]\n"
+              "handle = node.register_hook(lambda *_: moved.append(w.grad.clone()))\n"
+              "loss = (w * torch.tensor([1.0, 2.0, 3.0])).sum()\n"
+              "loss.backward()\n")
+    assert len(shell.ns["moved"]) == 1 and torch.equal(shell.ns["moved"][0], torch.tensor([1.0, 2.0, 3.0]))
+    trace = torchmagic.last_trace()
+    assert trace.passes[0].strategy == "hooks" and "--per-node-hooks" in trace.passes[0].note
+    assert torch.equal(trace.grad("w"), torch.tensor([1.0, 2.0, 3.0]))

@@ -540,3 +540,42 @@ def test_post_accumulate_hooks_change_grad_not_the_gradient_shown():
     assert torch.equal(w_grad, plain[1]) and torch.equal(w_grad, 0.5 * x)
     assert v_grad is None and plain[2] is None and torch.equal(v_now, plain[3])
     assert torch.equal(t.grad("w"), x) and torch.equal(t.grad("v"), x)  # d/dw of sum(w*x): x, before the hooks
+
+
+def test_per_node_hooks_runs_hooks_put_on_accumulate_grad_nodes():
+    """Megatron-style gradient accumulation: a hook on each parameter's AccumulateGrad node moves
+    ``.grad`` into ``main_grad``. The one-call capture does not run such hooks (a documented limit);
+    ``per_node_hooks=True`` records the pass node by node, and the code runs as untraced."""
+    def run(trace_options: dict | None):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+        handles = []
+        for p in model.parameters():
+            p.main_grad = torch.zeros_like(p)
+
+            def move(*_, p=p):
+                p.main_grad.add_(p.grad)
+                p.grad = None
+
+            node = p.view_as(p).grad_fn.next_functions[0][0]
+            handles.append((node, node.register_hook(move)))  # (keep the node alive with its hook)
+        x = torch.randn(5, 3)
+        t = out = None
+        if trace_options is None:
+            for _ in range(2):
+                model(x).pow(2).sum().backward()
+        else:
+            with torchmagic.trace(**trace_options) as t:
+                for _ in range(2):
+                    out = model(x)
+                    out.pow(2).sum().backward()
+        return t, [p.main_grad.clone() for p in model.parameters()], [p.grad for p in model.parameters()], out
+
+    _, plain_main, plain_grads, _ = run(None)
+    t, main, grads, last_out = run({"per_node_hooks": True})
+    assert all(g is None for g in plain_grads + grads)
+    assert all(torch.equal(a, b) for a, b in zip(plain_main, main))
+    assert t.passes[-1].strategy == "hooks" and "per_node_hooks" in t.passes[-1].note
+    # the pass's own gradient of each parameter is shown: half of main_grad (two equal passes)
+    assert torch.allclose(t.grad("model.0.weight"), main[0] / 2)
+    assert torch.allclose(t.grad("out"), 2 * last_out)  # d sum(out**2) / d out, by hand

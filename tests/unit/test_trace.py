@@ -455,7 +455,8 @@ def test_one_big_gradient_among_many_small_ones_keeps_to_the_budget(position):
         return big
 
     with torchmagic.trace(memory_budget=4 * 2**20) as t:
-        run(True)
+        big = run(True)  # named in this frame
+    assert t.node("big").shape == tuple(big.shape)
     summary = t.node("big").grad
     assert summary.norm_only
     assert summary.norm == pytest.approx(run(False).grad.norm().item(), rel=1e-5)

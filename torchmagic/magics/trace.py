@@ -35,6 +35,7 @@ class TraceView:
     fold: bool = True
     live: bool = False  # show a live view while the cell runs
     stop_on_nan: bool = False  # stop the cell at the first backward pass with a NaN/Inf gradient
+    per_node_hooks: bool = False  # record every pass node by node, the engine running it as untraced
 
 
 def describe_error(error: BaseException) -> str:
@@ -77,6 +78,7 @@ class Recording:
         self.session.set_binder("trace", self.recorder.bind)
         recorder = self.recorder
         recorder.stop_on_nonfinite = self.view.stop_on_nan
+        recorder.per_node_hooks = self.view.per_node_hooks
         recorder.namespace_source = lambda: self.session.shell.user_ns
         recorder.labeler = self.session.labeler()
         try:
@@ -164,6 +166,10 @@ class TraceMagics(SessionMagics):
     @argument("--stop-on-nan", action="store_true",
               help="Stop the cell at the first backward pass that computes a NaN or Inf gradient, with one error "
                    "naming where it appeared, the op whose backward made it, its line and what fed it.")
+    @argument("--per-node-hooks", action="store_true",
+              help="Record every backward pass with a hook on each node, the engine running it exactly as untraced "
+                   "(slower): for code with hooks put directly on a leaf's AccumulateGrad node, which the default "
+                   "one-call capture does not run.")
     @line_cell_magic
     def autograd_trace(self, line: str, cell: str | None = None) -> Any:
         """Show the autograd graph a cell builds, with the intermediate gradients PyTorch discards.
@@ -231,7 +237,7 @@ class TraceMagics(SessionMagics):
             raise UsageError(f"--save: cannot write {save!r}; use a file ending in {', '.join(SAVE_FORMATS)}")
         return TraceView(max_nodes=args.max_nodes, save=save, text=args.text, depth=args.depth,
                          expand=tuple(unquote(path) for path in args.expand), fold=not args.no_fold,
-                         live=args.live, stop_on_nan=args.stop_on_nan)
+                         live=args.live, stop_on_nan=args.stop_on_nan, per_node_hooks=args.per_node_hooks)
 
     def _line(self, action: str | None, view: TraceView) -> None:
         if action is None:

@@ -105,6 +105,7 @@ class Recorder:
         self._capturing: set[Any] | None = None  # the nodes of the captured pass running now
         self._closed = False
         self._distributed = False
+        self.per_node_hooks = False  # record every pass with a prehook per node, as untraced (asked for)
         self._running: bw.PassRecord | None = None
         _live_recorders.add(self)
 
@@ -388,6 +389,8 @@ class Recorder:
         return str(source_line(location, self.labeler))
 
     def _strategy(self, call: bw.EngineCall, walk: bw.Walk) -> tuple[str, str]:
+        if self.per_node_hooks:
+            return "hooks", "asked for (per_node_hooks / --per-node-hooks)"
         if walk.has_kind(bw.REENTRANT_CHECKPOINT):
             return "hooks", "reentrant checkpoint (it refuses the engine's capture mode)"
         if call.create_graph:

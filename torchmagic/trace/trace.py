@@ -59,9 +59,10 @@ class Trace(TraceChecks):
 
     def __init__(self, *, max_nodes: int = 500, memory_budget: int = 256 * 2**20, small_values: int = 16,
                  cell: str = "", depth: int | None = None, expand: tuple[str, ...] = (), fold: bool = True,
-                 stop_on_nan: bool = False) -> None:
+                 stop_on_nan: bool = False, per_node_hooks: bool = False) -> None:
         self.max_nodes = max_nodes
         self.stop_on_nan = stop_on_nan
+        self.per_node_hooks = per_node_hooks
         self.layout_timeout = 10.0  # seconds any diagram's layout may take before it is stopped
         self.max_rows = MAX_ROWS  # rows the text view and the gradient table list at most
         self.depth = depth  # None: the deepest module level that keeps the diagram readable
@@ -85,6 +86,7 @@ class Trace(TraceChecks):
     def recorder(self) -> Recorder:
         recorder = Recorder(memory_budget=self.memory_budget, small_values=self.small_values)
         recorder.stop_on_nonfinite = self.stop_on_nan
+        recorder.per_node_hooks = self.per_node_hooks
         return recorder
 
     def fill(self, recorder: Recorder, namespace: Mapping[str, Any] | None, labeler: Labeler | None = None,
