@@ -44,6 +44,17 @@ def test_on_mode_names_the_cell_that_ran(shell):
     assert t.cell == f"In [{number}]" and t.node("w").source.cell == f"In [{number}]"
 
 
+def test_an_empty_cell_run_inside_a_cell_does_not_end_its_on_recording(shell):
+    """IPython fires post_run_cell, not pre_run_cell, for an empty cell: it is no cell's end."""
+    shell.run("%autograd_trace on --text")
+    shell.run("import torch\nw = torch.ones(3, requires_grad=True)\nget_ipython().run_cell('  ')\n"
+              "y = w * 2\ny.sum().backward()")
+    shell.run("%autograd_trace off")
+    t = torchmagic.last_trace()
+    assert t.cell == f"In [{shell.ip.execution_count - 2}]"
+    assert [n.name for n in t.nodes if n.op == "mul"] == ["y"] and torch.equal(t.grad("w"), torch.full((3,), 2.0))
+
+
 def test_terminal_gets_text_only(shell):
     shell.ip.display_formatter.active_types = ["text/plain"]
     shell.run(SEED)

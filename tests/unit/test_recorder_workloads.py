@@ -579,3 +579,49 @@ def test_per_node_hooks_runs_hooks_put_on_accumulate_grad_nodes():
     # the pass's own gradient of each parameter is shown: half of main_grad (two equal passes)
     assert torch.allclose(t.grad("model.0.weight"), main[0] / 2)
     assert torch.allclose(t.grad("out"), 2 * last_out)  # d sum(out**2) / d out, by hand
+
+
+def test_recorders_stopped_out_of_order_leave_torch_as_it_was():
+    """A recording started inside another and stopped after it (``%autograd_trace on`` and a
+    ``torchmagic.trace()`` left open in a cell): stopped in either order, every patch comes off."""
+    import torch.autograd.graph as graph_module
+    from torch.autograd.function import Function
+
+    from torchmagic.trace.recorder import Recorder
+
+    originals = (graph_module._engine_run_backward, torch.autograd._engine_run_backward,
+                 Function.__dict__["apply"], torch._C._will_engine_execute_node)
+    for order in ("outer first", "inner first"):
+        outer, inner = Recorder(), Recorder()
+        outer.start()
+        inner.start()
+        w = torch.ones(2, requires_grad=True)
+        (w * 2).sum().backward()
+        for recorder in ((outer, inner) if order == "outer first" else (inner, outer)):
+            recorder.stop()
+        now = (graph_module._engine_run_backward, torch.autograd._engine_run_backward,
+               Function.__dict__["apply"], torch._C._will_engine_execute_node)
+        assert all(a is b for a, b in zip(now, originals)), order
+        assert len(inner.passes) == 1 and not outer.passes
+        assert "nested trace" in outer.untraced  # the outer trace says where its pass went
+        assert torch.equal(w.grad, torch.full((2,), 2.0))
+        inner.release()
+        outer.release()
+
+
+def test_a_recorder_that_fails_to_start_leaves_nothing_installed(monkeypatch):
+    import torch.autograd.graph as graph_module
+
+    from torchmagic.trace import recorder as recorder_module
+
+    original, modes = graph_module._engine_run_backward, torch._C._len_torch_function_stack()
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(recorder_module.RecordingMode, "__enter__", interrupted)
+    recorder = recorder_module.Recorder()
+    with pytest.raises(KeyboardInterrupt):
+        recorder.start()
+    assert graph_module._engine_run_backward is original and not recorder.active
+    assert torch._C._len_torch_function_stack() == modes

@@ -243,8 +243,12 @@ class Session:
     def post_run_cell(self, result: Any = None) -> None:
         """Finish the cell's work and show what it produced; never breaks the cell.
 
-        Also fires for the cell that loaded the extension (its pre_run_cell came before).
+        Also fires for the cell that loaded the extension (its pre_run_cell came before), and for
+        an empty cell, whose pre_run_cell IPython skips: that one is not a cell's end.
         """
+        raw = getattr(getattr(result, "info", None), "raw_cell", None)
+        if isinstance(raw, str) and (not raw or raw.isspace()):
+            return
         self._depth = max(0, self._depth - 1)
         if self._depth:
             return

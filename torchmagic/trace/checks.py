@@ -56,8 +56,8 @@ _NONFINITE_HINTS = {
     "atan2": "the derivative of atan2(y, x) is NaN at y == x == 0",
 }
 
-_EXCERPT_LINES = 40
-_HUGE = 1e12  # a finite gradient this large feeding an overflow is an exploding one  # a text view up to this long goes into a message whole
+_EXCERPT_LINES = 40  # a text view up to this long goes into a message whole
+_HUGE = 1e12  # a finite gradient this large feeding an overflow is an exploding one
 
 
 @dataclass

@@ -284,7 +284,7 @@ class RecordingMode(TorchFunctionMode):
         if _is_compiling():  # Dynamo traces this method: no side effects of ours may get into its graph
             return func(*args, **kwargs) if kwargs else func(*args)
         if _peek_transform() is not None:
-            self.recorder.note_untraced(func)
+            self.recorder.note_untraced()
             return func(*args, **kwargs) if kwargs else func(*args)
         recorder = self.recorder
         ledger = self._ledger
@@ -341,9 +341,3 @@ def remove_mode(mode: TorchFunctionMode) -> bool:
 def tensor_class(value: Any) -> bool:
     """Whether ``value`` is a tensor, without touching ``value.__class__`` (which user objects may override)."""
     return issubclass(type(value), torch.Tensor)
-
-
-def grad_fn_of(tensor: torch.Tensor) -> Any:
-    """``tensor.grad_fn`` without going through a subclass's ``__torch_function__``."""
-    with _no_subclass():
-        return tensor.grad_fn

@@ -282,7 +282,7 @@ class LeafLedger:
         self._prune_at = max(1024, 2 * max(len(self.history), len(self.watched)))
 
     def norms(self, record: bw.PassRecord) -> None:
-        """Fill in the norms of ``record``'s leaf gradients in ``leaf_history`` (NaN where not kept intact)."""
+        """Fill in the norms of ``record``'s leaf gradients in ``history`` (NaN where not kept intact)."""
         pairs = [(leaf, edge) for leaf, edge in record.leaf_grads]
         if not pairs:
             return

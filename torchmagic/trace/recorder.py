@@ -42,7 +42,8 @@ from .ledger import LeafLedger
 from .stats import NormOnly
 
 _live_recorders: weakref.WeakSet = weakref.WeakSet()
-_own_call = threading.local()  # set while a recorder runs the engine itself: outer wrappers let it through
+_own_call = threading.local()  # .active: the recorder running the engine itself (outer wrappers let it through)
+NESTED_TRACE = "backward passes recorded by a trace started inside this one are shown there, not here"
 MAX_CALL_SITES = 16  # distinct backward call sites whose last pass keeps its graph (oldest let go first)
 UNTRACED_TRANSFORMS = ("torch.func transform", "code inside torch.func transforms (vmap, grad, jacrev, ...) ran "
                        "untouched: their inner gradients are not in this trace")
@@ -56,6 +57,26 @@ def _traced_by_compiler(value: Any) -> bool:
 def recorders_holding_state() -> list[Recorder]:
     """Recorders still active or still holding gradients or tensors (the leak check uses this)."""
     return [r for r in list(_live_recorders) if r.active or r.holds_state]
+
+
+# (owner, attribute) -> {a wrapper of ours, still installed under another's wrapper: what it wrapped}
+_retired: dict[tuple[Any, str], dict[Any, Any]] = {}
+
+
+def _unpatch(owner: Any, name: str, installed: Any, original: Any) -> None:
+    """Put back what ``installed`` replaced. If another wrapper now sits on top of it (a trace
+    started inside this one, stopped later), ours stays in place, passing calls through, and is
+    taken out when the wrapper on top is: stops in any order leave the original in place."""
+    retired = _retired.setdefault((owner, name), {})
+    if vars(owner).get(name) is installed:
+        value = original
+        while any(value is wrapper for wrapper in retired):
+            value = retired.pop(next(wrapper for wrapper in retired if wrapper is value))
+        setattr(owner, name, value)
+    else:
+        retired[installed] = original
+    if not retired:
+        del _retired[(owner, name)]
 
 
 def _total_bytes(values: Any) -> int:
@@ -121,6 +142,13 @@ class Recorder:
     def start(self) -> None:
         if self._mode is not None:
             raise RuntimeError("recorder already started")
+        try:
+            self._start()
+        except BaseException:  # (a Ctrl-C part-way): take back whatever was installed
+            self.stop()
+            raise
+
+    def _start(self) -> None:
         self._note_earlier_hooks()
         self.log = ForwardLog()
         self._thread = self.log.thread
@@ -168,9 +196,8 @@ class Recorder:
         graph_module._engine_run_backward = autograd_module._engine_run_backward = self._installed_engine
         self._closed = False
         self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        mode = RecordingMode(self)
+        mode = self._mode = RecordingMode(self)  # (set first: a stop part-way finds it, on the stack or not)
         mode.__enter__()
-        self._mode = mode
 
     def stop(self) -> None:
         """Remove the mode, the hooks and the engine wrapper (each by identity); safe to call twice."""
@@ -183,17 +210,16 @@ class Recorder:
                 handle.remove()
             self._module_handles = []
             installed, self._installed_engine = self._installed_engine, None
-            if installed is not None and graph_module._engine_run_backward is installed:
-                graph_module._engine_run_backward = self._original_engine
-            if installed is not None and autograd_module._engine_run_backward is installed:
-                autograd_module._engine_run_backward = self._original_engine
+            if installed is not None:
+                _unpatch(graph_module, "_engine_run_backward", installed, self._original_engine)
+                _unpatch(autograd_module, "_engine_run_backward", installed, self._original_engine)
             apply, self._installed_apply = self._installed_apply, None
-            if apply is not None and Function.__dict__.get("apply") is apply:
-                Function.apply = self._original_apply
+            if apply is not None:
+                _unpatch(Function, "apply", apply, self._original_apply)
             will_execute, self._installed_will_execute = self._installed_will_execute, None
-            if will_execute is not None and torch._C._will_engine_execute_node is will_execute:
-                torch._C._will_engine_execute_node = self._original_will_execute
-            self._closed = True  # a wrapper someone wrapped in turn stays installed, passing calls through
+            if will_execute is not None:
+                _unpatch(torch._C, "_will_engine_execute_node", will_execute, self._original_will_execute)
+            self._closed = True  # a wrapper still installed (wrapped in turn) passes calls through
             if mode is not None:
                 self.log.close()
                 self.op_count = len(self.log.op_start)
@@ -232,7 +258,7 @@ class Recorder:
                     continue
 
     # -- forward side paths (rare: most ops only append to the log) ------------------------
-    def note_untraced(self, func: Any) -> None:
+    def note_untraced(self) -> None:
         if _peek_transform() is not None:
             self.untraced.setdefault(*UNTRACED_TRANSFORMS)
 
@@ -324,7 +350,10 @@ class Recorder:
         if running is not None and not self._closed and (
                 threading.get_ident() == self._thread or torch._C._current_graph_task_id() != -1):
             return self._inner_pass(running, bw.EngineCall(outputs, args, kwargs))
-        if self._closed or getattr(_own_call, "active", False) or threading.get_ident() != self._thread:
+        owner = getattr(_own_call, "active", None)
+        if self._closed or owner is not None or threading.get_ident() != self._thread:
+            if owner is not None and owner is not self and not self._closed:
+                self.untraced.setdefault("nested trace", NESTED_TRACE)
             return original(outputs, *args, **kwargs)
         if _peek_transform() is not None:
             self.untraced.setdefault(*UNTRACED_TRANSFORMS)
@@ -423,8 +452,8 @@ class Recorder:
         record.drop()
 
     def _run_own(self, function: Any, *args: Any) -> Any:
-        previous = getattr(_own_call, "active", False)
-        _own_call.active = True
+        previous = getattr(_own_call, "active", None)
+        _own_call.active = self
         try:
             return function(*args)
         finally:
