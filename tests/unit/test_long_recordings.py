@@ -11,6 +11,7 @@ import weakref
 import torch
 
 import torchmagic
+from torchmagic.trace.forward import COMPACT_AT
 
 
 def test_fresh_leaves_of_each_step_are_not_kept_alive():
@@ -76,3 +77,33 @@ def test_hooked_nodes_of_freed_graphs_are_let_go():
     assert torch.equal(t.grad("h"), h.grad / 2)  # what flowed on from h in the last pass (h.grad: both)
     assert torch.equal(t.grad("h"), torch.full((3,), 10.0))
     assert torch.equal(w.grad, torch.full((3,), 200.0 * 201 / 2 + 40.0))
+
+
+def test_the_forward_log_moves_into_arrays_and_still_attributes_every_op():
+    torch.manual_seed(3)
+    w = torch.randn(4, requires_grad=True)
+    with torchmagic.trace() as t:
+        log = t._recorder.log
+        for _ in range(6000):  # 18000 ops over 6000 passes: past COMPACT_AT
+            h = torch.tanh(w * 2)
+            h.sum().backward()
+        assert len(log.op_start) == 18000 and len(log.op_start.old) >= COMPACT_AT  # compacted between passes
+        assert len(log.op_start.recent) < COMPACT_AT
+    assert [n.op for n in t.nodes if n.kind != "leaf"] == ["mul", "tanh", "sum"]
+    assert t.node("h").source.text.strip() == "h = torch.tanh(w * 2)"
+
+
+def test_int_log_bisects_as_a_list_does():
+    from bisect import bisect_right
+
+    from torchmagic.trace.forward import IntLog
+
+    values = sorted(torch.randint(0, 500, (300,), generator=torch.Generator().manual_seed(4)).tolist())
+    log = IntLog()
+    for i, value in enumerate(values):
+        log.append(value)
+        if i in (50, 51, 200):  # compacted part-way, as between passes
+            log.compact()
+    assert list(log) == values and len(log) == len(values) and [log[k] for k in range(300)] == values
+    for probe in range(-1, 502):
+        assert log.bisect(probe) == bisect_right(values, probe)

@@ -15,6 +15,7 @@ import os
 import sys
 import threading
 import weakref
+from array import array
 from bisect import bisect_right
 from typing import Any
 
@@ -155,8 +156,46 @@ class Cut:
         self.location = location
 
 
+class IntLog:
+    """An append-only list of ints, cheap to append to (a list) and compact when long (an array
+    of 8-byte ints: a Python int in a list costs 36 bytes). ``compact`` moves the list's items into
+    the array; ``append`` stays the list's own bound method throughout."""
+
+    __slots__ = ("old", "recent", "append")
+
+    def __init__(self) -> None:
+        self.old = array("q")
+        self.recent: list[int] = []
+        self.append = self.recent.append
+
+    def compact(self) -> None:
+        self.old.extend(self.recent)
+        self.recent.clear()
+
+    def __len__(self) -> int:
+        return len(self.old) + len(self.recent)
+
+    def __getitem__(self, k: int) -> int:
+        old = len(self.old)
+        return self.old[k] if k < old else self.recent[k - old]
+
+    def __iter__(self):
+        yield from self.old
+        yield from self.recent
+
+    def bisect(self, value: int) -> int:
+        """The number of items <= ``value`` (the items ascend)."""
+        recent = self.recent
+        if recent and value >= recent[0]:
+            return len(self.old) + bisect_right(recent, value)
+        return bisect_right(self.old, value)
+
+
+COMPACT_AT = 1 << 14  # log entries kept as Python ints before they move into arrays
+
+
 class ForwardLog:
-    """Flat lists of what the forward side saw, in sequence-number order; read by the trace's build."""
+    """Flat logs of what the forward side saw, in sequence-number order; read by the trace's build."""
 
     __slots__ = ("thread", "first_seq", "end_seq", "op_start", "op_end", "op_func", "line_seq", "line_code",
                  "line_no", "module_seq", "module_event", "bindings", "depth", "last_code", "last_line")
@@ -165,13 +204,13 @@ class ForwardLog:
         self.thread = threading.get_ident()
         self.first_seq = sequence_nr()
         self.end_seq: int | None = None
-        self.op_start: list[int] = []
-        self.op_end: list[int] = []
+        self.op_start = IntLog()
+        self.op_end = IntLog()
         self.op_func: list[Any] = []
-        self.line_seq: list[int] = []
+        self.line_seq = IntLog()
         self.line_code: list[Any] = []
-        self.line_no: list[int] = []
-        self.module_seq: list[int] = []
+        self.line_no = IntLog()
+        self.module_seq = IntLog()
         self.module_event: list[Any] = []  # the module entered, or None where the innermost one returned
         self.bindings: dict[int, list[tuple[int, str, Location | None]]] = {}  # node seq -> (output, name, line)
         self.depth = 0  # module calls open on the recording thread
@@ -218,6 +257,13 @@ class ForwardLog:
     def close(self) -> None:
         if self.end_seq is None:
             self.end_seq = sequence_nr()
+        self.compact()
+
+    def compact(self) -> None:
+        """Move long logs' ints into arrays (called between backward passes, off the per-op path)."""
+        for log in (self.op_start, self.op_end, self.line_seq, self.line_no, self.module_seq):
+            if len(log.recent) >= COMPACT_AT or self.end_seq is not None:
+                log.compact()
 
     def made_here(self, seq: int) -> bool:
         end = self.end_seq if self.end_seq is not None else sequence_nr()
@@ -226,13 +272,13 @@ class ForwardLog:
     # -- attribution, at build time ------------------------------------------------------
     def op_at(self, seq: int) -> tuple[Any, bool] | None:
         """The torch call that created node ``seq``, and whether the node was the last it created."""
-        k = bisect_right(self.op_start, seq) - 1
+        k = self.op_start.bisect(seq) - 1
         if k >= 0 and seq < self.op_end[k]:
             return self.op_func[k], seq == self.op_end[k] - 1
         return None
 
     def location_at(self, seq: int) -> Location | None:
-        k = bisect_right(self.line_seq, seq) - 1
+        k = self.line_seq.bisect(seq) - 1
         if k < 0:
             return None
         return self.line_code[k].co_filename, self.line_no[k]

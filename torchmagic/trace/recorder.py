@@ -360,6 +360,7 @@ class Recorder:
             return original(outputs, *args, **kwargs)
         if _is_compiling() or any(_traced_by_compiler(t) for t in outputs):  # AOTAutograd tracing a backward
             return original(outputs, *args, **kwargs)
+        self.log.compact()
         call = bw.EngineCall(outputs, args, kwargs)
         record = bw.PassRecord(len(self.passes), "backward" if call.accumulate_grad else "grad", user_location())
         try:
