@@ -625,3 +625,31 @@ def test_a_recorder_that_fails_to_start_leaves_nothing_installed(monkeypatch):
         recorder.start()
     assert graph_module._engine_run_backward is original and not recorder.active
     assert torch._C._len_torch_function_stack() == modes
+
+
+def test_transformer_inference_takes_its_fast_path_traced_as_untraced():
+    """nn.TransformerEncoder in eval under no_grad runs PyTorch's fused fast path, which any torch
+    function mode turns off (its result differs in the last bits): traced, it must still run."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True, dropout=0.0)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(3, 7, 32)
+    with torch.no_grad():
+        plain = encoder(x)
+    modes = torch._C._len_torch_function_stack()
+    with torchmagic.trace() as t:
+        with torch.no_grad():
+            traced = encoder(x)
+        assert torch._C._len_torch_function_stack() == modes + 1  # the mode is back after the call
+        w = torch.ones(2, requires_grad=True)
+        (w * 3).sum().backward()
+    assert torch.equal(traced, plain)
+    assert any("fast path" in note for note in t.notes)
+    assert torch.equal(t.grad("w"), torch.full((2,), 3.0))
+    # training: no fast path untraced, so the layers are recorded op by op
+    encoder.train()
+    with torchmagic.trace() as t:
+        out = encoder(x)
+        out.sum().backward()
+    assert not any("fast path" in note for note in t.notes)
+    assert t.node("out").module.startswith("encoder.layers.1")

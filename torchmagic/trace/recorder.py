@@ -79,6 +79,19 @@ def _unpatch(owner: Any, name: str, installed: Any, original: Any) -> None:
         del _retired[(owner, name)]
 
 
+FAST_PATH_NOTE = ("transformer layers and attention in inference (no graph built) ran untouched, so that "
+                  "PyTorch's fused fast path runs as untraced; uses of tensors inside them are not listed")
+_fast_path_type: dict[type, bool] = {}
+
+
+def _fast_path_kind(kind: type) -> bool:
+    """Whether modules of ``kind`` have PyTorch's inference fast path (which any mode turns off)."""
+    nn = torch.nn
+    found = _fast_path_type[kind] = issubclass(kind, (nn.TransformerEncoderLayer, nn.TransformerEncoder,
+                                                      nn.MultiheadAttention))
+    return found
+
+
 def _total_bytes(values: Any) -> int:
     """Bytes of the tensors among ``values`` (a tensor shared by several edges counts each time)."""
     total = 0
@@ -124,6 +137,7 @@ class Recorder:
         self._original_will_execute: Any = None
         self._installed_will_execute: Any = None
         self._capturing: set[Any] | None = None  # the nodes of the captured pass running now
+        self._paused: list[Any] = []  # the module whose inference fast path runs with the mode off
         self._closed = False
         self._distributed = False
         self.per_node_hooks = False  # record every pass with a prehook per node, as untraced (asked for)
@@ -157,13 +171,21 @@ class Recorder:
         get_ident, getframe = threading.get_ident, sys._getframe
 
         # Dynamo traces module hooks into compiled code: under torch.compile they must do nothing
+        paused = self._paused
+        fast_path = _fast_path_type
+
         def enter(module, args):
             if not _is_compiling() and get_ident() == thread:
                 log.enter_module(module, getframe(1))
+                kind = type(module)
+                if (fast_path[kind] if kind in fast_path else _fast_path_kind(kind)) and not paused:
+                    self._pause_for_fast_path(module, args)
 
         def leave(module, args, output):
             if not _is_compiling() and get_ident() == thread:
                 log.leave_module()
+                if paused and paused[-1] is module:
+                    self._resume_after_fast_path()
 
         self._module_handles = [nn_module.register_module_forward_pre_hook(enter),
                                 nn_module.register_module_forward_hook(leave, always_call=True)]
@@ -198,6 +220,33 @@ class Recorder:
         self._distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         mode = self._mode = RecordingMode(self)  # (set first: a stop part-way finds it, on the stack or not)
         mode.__enter__()
+
+    def _pause_for_fast_path(self, module: Any, args: tuple) -> None:
+        """A transformer layer or attention in inference takes PyTorch's fused fast path only where
+        no torch function mode is active: with nothing to record (no graph is built), the mode steps
+        off the stack for the call, so the layer computes what it computes untraced."""
+        if module.training:
+            return
+        if torch.is_grad_enabled():
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            if any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters()):
+                return  # a graph is being built: no fast path untraced either
+        mode = self._mode
+        length = torch._C._len_torch_function_stack()
+        if mode is None or not length or torch._C._get_function_stack_at(length - 1) is not mode:
+            return  # another mode above ours: no fast path untraced either
+        from torch.overrides import _pop_mode
+
+        _pop_mode()
+        self._paused.append(module)
+        self.untraced.setdefault("fast path", FAST_PATH_NOTE)
+
+    def _resume_after_fast_path(self) -> None:
+        self._paused.pop()
+        if self._mode is not None and not self._closed:
+            from torch.overrides import _push_mode
+
+            _push_mode(self._mode)
 
     def stop(self) -> None:
         """Remove the mode, the hooks and the engine wrapper (each by identity); safe to call twice."""
