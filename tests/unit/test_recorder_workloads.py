@@ -653,3 +653,19 @@ def test_transformer_inference_takes_its_fast_path_traced_as_untraced():
         out.sum().backward()
     assert not any("fast path" in note for note in t.notes)
     assert t.node("out").module.startswith("encoder.layers.1")
+
+
+def test_a_view_regenerated_after_an_in_place_op_is_labelled_as_a_view():
+    """``v + 1`` on a view of a tensor changed in place makes the add's node, then regenerates the
+    view's (AsStridedBackward0, the later sequence number): each gets its own op."""
+    with torchmagic.trace() as t:
+        x = torch.ones(3, 2, requires_grad=True)
+        y = x * 1
+        v = y[0]
+        y.mul_(2)
+        z = v + 1
+        v.retain_grad()
+        z.sum().backward()
+    assert t.node("v").op == "as_strided" and t.node("z").op == "add"
+    assert [n.op for n in t.nodes if n.kind == "op"] == ["mul", "mul_", "as_strided", "add", "sum"]
+    assert torch.equal(t.grad("v"), v.grad)

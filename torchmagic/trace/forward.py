@@ -198,7 +198,7 @@ class ForwardLog:
     """Flat logs of what the forward side saw, in sequence-number order; read by the trace's build."""
 
     __slots__ = ("thread", "first_seq", "end_seq", "op_start", "op_end", "op_func", "line_seq", "line_code",
-                 "line_no", "module_seq", "module_event", "bindings", "depth", "last_code", "last_line")
+                 "line_no", "module_seq", "module_event", "bindings", "depth", "last_code", "last_line", "output_seq")
 
     def __init__(self) -> None:
         self.thread = threading.get_ident()
@@ -216,6 +216,7 @@ class ForwardLog:
         self.depth = 0  # module calls open on the recording thread
         self.last_code: Any = None  # the line marked last
         self.last_line = -1
+        self.output_seq: dict[int, int] = {}  # a call that made several nodes -> its output's, where not the last
 
     def mark(self, code: Any, line: int, seq: int) -> None:
         """Note that ops from ``seq`` on come from ``line`` of ``code`` (where that changed)."""
@@ -274,8 +275,27 @@ class ForwardLog:
         """The torch call that created node ``seq``, and whether the node was the last it created."""
         k = self.op_start.bisect(seq) - 1
         if k >= 0 and seq < self.op_end[k]:
-            return self.op_func[k], seq == self.op_end[k] - 1
+            last = self.op_end[k] - 1
+            if self.output_seq:
+                last = self.output_seq.get(self.op_start[k], last)
+            return self.op_func[k], seq == last
         return None
+
+    def note_output(self, start: int, end: int, out: Any) -> None:
+        """A call made several nodes: where its output's node is not the last of them (``v + 1``
+        on a view changed in place makes the add's node, then regenerates the view's), note it."""
+        if isinstance(out, (tuple, list)):
+            out = next((item for item in out if tensor_class(item)), None)
+        if not tensor_class(out):
+            return
+        try:
+            with _no_subclass():
+                node = out.grad_fn
+            seq = node._sequence_nr() if node is not None else None
+        except Exception:
+            return
+        if seq is not None and start <= seq < end - 1:
+            self.output_seq[start] = seq
 
     def location_at(self, seq: int) -> Location | None:
         k = self.line_seq.bisect(seq) - 1
@@ -352,6 +372,8 @@ class RecordingMode(TorchFunctionMode):
             self._op_start(start)
             self._op_end(end)
             self._op_func(func)
+            if end - start > 1:
+                log.note_output(start, end, out)
         else:
             recorder.no_node(func, out, args)
         return out
