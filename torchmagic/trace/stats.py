@@ -73,24 +73,18 @@ def summarize_many(tensors: Sequence[torch.Tensor], small_values: int = 16) -> l
                     groups[(tensor.device, tensor.numel())].append(i)
             except Exception as error:
                 results[i] = _unavailable(tensor, error)
-        for indices in big.values():
-            try:
-                _summarize_big(tensors, indices, results)
-            except Exception:  # fall back to one at a time, so one odd tensor spoils nothing
-                for i in indices:
-                    try:
-                        results[i] = PendingSummary(tensors[i], small_values).resolve()
-                    except Exception as error:
-                        results[i] = _unavailable(tensors[i], error)
-        for indices in groups.values():
-            try:
-                _summarize_group(tensors, indices, small_values, results)
-            except Exception:  # fall back to one at a time, so one odd tensor spoils nothing
-                for i in indices:
-                    try:
-                        results[i] = PendingSummary(tensors[i], small_values).resolve()
-                    except Exception as error:
-                        results[i] = _unavailable(tensors[i], error)
+        batches = [(lambda indices: _summarize_big(tensors, indices, results), big.values()),
+                   (lambda indices: _summarize_group(tensors, indices, small_values, results), groups.values())]
+        for summarize, index_groups in batches:
+            for indices in index_groups:
+                try:
+                    summarize(indices)
+                except Exception:  # fall back to one at a time, so one odd tensor spoils nothing
+                    for i in indices:
+                        try:
+                            results[i] = PendingSummary(tensors[i], small_values).resolve()
+                        except Exception as error:
+                            results[i] = _unavailable(tensors[i], error)
     return results  # type: ignore[return-value]
 
 
