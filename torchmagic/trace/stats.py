@@ -189,8 +189,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 
 def floats_of(values: Sequence[Any]) -> list[float]:
-    """Numbers (floats or 0-dim tensors, on any device) as floats: the tensors of each device
-    stacked and read back at once, one sync per device rather than one per value."""
+    """Numbers (floats or 0-dim tensors, on any device) as floats: the tensors of each device other
+    than the CPU stacked and read back at once, one sync per device rather than one per value."""
     out = [float("nan")] * len(values)
     by_device: dict[Any, list[int]] = {}
     for i, value in enumerate(values):
@@ -199,7 +199,11 @@ def floats_of(values: Sequence[Any]) -> list[float]:
         elif value is not None:
             out[i] = float(value)
     with _no_subclass(), torch.no_grad():
-        for indices in by_device.values():
+        for device, indices in by_device.items():
+            if device.type == "cpu":  # no sync to save: one read each is cheaper than a stack
+                for i in indices:
+                    out[i] = float(values[i])
+                continue
             stacked = torch.stack([values[i].detach().reshape(()).to(torch.float64) for i in indices])
             for i, number in zip(indices, stacked.tolist()):
                 out[i] = number
