@@ -669,3 +669,81 @@ def test_a_view_regenerated_after_an_in_place_op_is_labelled_as_a_view():
     assert t.node("v").op == "as_strided" and t.node("z").op == "add"
     assert [n.op for n in t.nodes if n.kind == "op"] == ["mul", "mul_", "as_strided", "add", "sum"]
     assert torch.equal(t.grad("v"), v.grad)
+
+
+def test_a_frozen_layer_given_its_input_by_keyword_is_recorded_op_by_op():
+    """A frozen encoder in eval whose input needs a gradient (an adversarial input, say) builds a
+    graph: no fast path untraced, so the mode stays, whether ``src`` is passed by position or name."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    counts = {}
+    for how in ("positional", "keyword"):
+        x = torch.randn(2, 3, 8, requires_grad=True)
+        with torchmagic.trace() as t:
+            y = layer(x) if how == "positional" else layer(src=x)
+            y.sum().backward()
+        counts[how] = t.op_count
+        assert not any("fast path" in note for note in t.notes)
+        assert torch.equal(t.grad("x"), x.grad)
+    assert counts["positional"] == counts["keyword"] > 5
+
+
+def test_a_layer_left_by_a_keyboard_interrupt_gets_the_mode_back():
+    """Module hooks that always run do not run for a BaseException: a fast-path layer left by a
+    caught KeyboardInterrupt must not leave the recording off for the rest of the block."""
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+
+    def ctrl_c(module, args):
+        raise KeyboardInterrupt
+
+    handle = layer.register_forward_pre_hook(ctrl_c)
+    x = torch.randn(2, 3, 8)
+    lin = nn.Linear(3, 3)
+    modes = torch._C._len_torch_function_stack()
+    try:
+        with torchmagic.trace() as t:
+            with torch.no_grad():
+                with pytest.raises(KeyboardInterrupt):
+                    layer(x)
+            h = lin(torch.ones(3))  # the next module call puts the mode back
+            assert torch._C._len_torch_function_stack() == modes + 1
+            out = (h * 2).sum()
+            out.backward()
+    finally:
+        handle.remove()
+    assert torch._C._len_torch_function_stack() == modes
+    assert any("not an Exception" in note for note in t.notes)
+    assert t.node("out").op == "sum" and t.node("h").module == "lin"
+    assert torch.equal(t.grad("lin.weight"), lin.weight.grad)
+
+
+def test_a_hooked_tensor_stays_hooked_after_a_pass_that_did_not_run_its_node():
+    """``autograd.grad(..., u)`` stops at u without running its node: a later backward through u
+    runs u's hook, and the trace shows what flowed on after it (as ``retain_grad`` does)."""
+    x = torch.ones(3, requires_grad=True)
+    w = torch.ones(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        u = x * w
+        u.register_hook(lambda g: g * 10)
+        u.retain_grad()
+        torch.autograd.grad((u * 2).sum(), u)
+        u.grad = None
+        loss = (u * 3).sum()
+        loss.backward()
+    assert torch.equal(u.grad, torch.full((3,), 30.0))
+    assert torch.equal(t.grad("u"), u.grad)
+
+
+def test_a_post_accumulate_hook_with_a_hook_on_the_leafs_node_does_not_reach_the_kept_gradient():
+    """AccumulateGrad steals a gradient held once more when its node has hooks: the trace gives it
+    a copy, so a later in-place write to ``.grad`` does not change the gradient shown."""
+    w = torch.ones(3, requires_grad=True)
+    w.view_as(w).grad_fn.next_functions[0][0].register_hook(lambda *args: None)
+    w.register_post_accumulate_grad_hook(lambda p: None)
+    with torchmagic.trace() as t:
+        (w * 2).sum().backward()
+        w.grad.zero_()
+    assert torch.equal(t.grad("w"), torch.full((3,), 2.0))
+    assert torch.equal(w.grad, torch.zeros(3))

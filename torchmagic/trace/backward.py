@@ -145,7 +145,7 @@ class PassRecord:
 
     __slots__ = ("index", "entry", "location", "strategy", "reason", "roots", "edges", "values", "grads",
                  "summaries", "versions", "signature", "node_count", "failed", "inner", "kept", "leaf_grads",
-                 "nexts", "_index")
+                 "nexts", "hooked", "_index")
 
     def __init__(self, index: int, entry: str, location: Location | None) -> None:
         self.index = index
@@ -166,13 +166,14 @@ class PassRecord:
         self.kept = True
         self.leaf_grads: list[tuple[torch.Tensor, Edge]] = []  # (leaf, its edge) for each leaf this pass reached
         self.nexts: set[Any] = set()  # the nodes walked (kept for passes run from inside another)
+        self.hooked: list[Any] = []  # the nodes with a user's tensor hook this pass walked
         self._index: dict[Edge, int] | None = None
 
     def drop(self) -> None:
         """Let go of the graph and gradients (a later pass from the same call site replaces them)."""
         self.roots, self.edges, self.values, self.grads, self.summaries, self.versions = [], [], [], {}, {}, {}
         self.leaf_grads, self.inner, self.nexts, self._index = [], [], set(), None
-        self.kept = False
+        self.kept = False  # (hooked stays: the recorder lets go of those nodes once no pass walks them)
 
     def items(self):
         """(edge, tensor or summary) for every edge this pass kept something for."""
@@ -368,9 +369,10 @@ def _accumulate(node: Any, leaf: torch.Tensor, grad: torch.Tensor, others_hold_i
         leaf.grad = grad
         return True
     # (a post-accumulate hook may change .grad in place, an optimizer step in backward: the node
-    # gives .grad a copy and runs the hooks itself, and the trace keeps what the pass computed)
-    if others_hold_it:  # a user's hook kept it: untraced, AccumulateGrad would copy rather than steal
-        grad = grad.clone(memory_format=torch.preserve_format)
+    # runs the hooks itself on a copy, and the trace keeps what the pass computed; the copy is
+    # made here, as AccumulateGrad steals even the trace's tensor where its node has hooks too)
+    if others_hold_it or (leaf.grad is None and leaf._post_accumulate_grad_hooks):
+        grad = grad.clone(memory_format=torch.preserve_format)  # (.grad gets the copy: same values)
     enabled = torch.is_grad_enabled()
     torch._C._set_grad_enabled(False)  # the engine runs AccumulateGrad with grad mode off (no create_graph)
     try:

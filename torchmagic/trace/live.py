@@ -48,7 +48,7 @@ class LiveView(TextAndHtml):
         self._labels: dict[int, str] | None = None
         self.module_norms: dict[str, list[float]] = {}  # module (or leaf) -> norm per pass
         self.nonfinite: list[int] = []  # per pass: how many leaf gradients were NaN/Inf
-        self._cursor: dict[int, int] = {}  # id(leaf) -> how much of its norm history is counted
+        self._cursor: dict[int, tuple[Any, int]] = {}  # id(leaf) -> (its norm history, how much is counted)
         self._squares: dict[int, dict[str, float]] = {}  # pass index -> module -> sum of squared norms
         self._bad: dict[int, int] = {}
         self.bad_passes = 0  # passes with a NaN/Inf leaf gradient, over the whole run
@@ -96,17 +96,25 @@ class LiveView(TextAndHtml):
             if record.kept and record.leaf_grads:
                 with torch._C.DisableTorchFunction():
                     recorder.ledger.norms(record)
+        histories = recorder.ledger.history
+        gone = [key for key, (history, _) in self._cursor.items()
+                if key not in histories or histories[key][1] is not history]
+        for key in gone:  # a leaf that died, or a new leaf that took a dead one's id: a fresh history
+            del self._cursor[key]
+        if gone:
+            self._labels = None  # (names are by id: look again)
         labels = self._leaf_labels()
         fresh: list[tuple[str, int, Any]] = []  # norms not seen yet: (module, pass index, norm)
-        for key, (_, history) in recorder.ledger.history.items():
-            cursor = self._cursor.get(key, 0)
+        for key, (_, history) in histories.items():
+            seen = self._cursor.get(key)
+            cursor = seen[1] if seen is not None else 0
             label = labels.get(key)
             while cursor < len(history) and history[cursor][1] is not None:
                 if label is not None:
                     index, norm = history[cursor]
                     fresh.append((label.rsplit(".", 1)[0] if "." in label else label, index, norm))
                 cursor += 1
-            self._cursor[key] = cursor
+            self._cursor[key] = (history, cursor)
         if fresh:
             with torch._C.DisableTorchFunction():  # one read back per device for all of them
                 values = floats_of([n for _, _, n in fresh])

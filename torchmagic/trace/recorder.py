@@ -81,6 +81,9 @@ def _unpatch(owner: Any, name: str, installed: Any, original: Any) -> None:
 
 FAST_PATH_NOTE = ("transformer layers and attention in inference (no graph built) ran untouched, so that "
                   "PyTorch's fused fast path runs as untraced; uses of tensors inside them are not listed")
+FAST_PATH_LEFT = ("a transformer layer run untouched was left by an exception that is not an Exception "
+                  "(KeyboardInterrupt): torch calls after it, up to the next module call or backward, "
+                  "were not recorded")
 _fast_path_type: dict[type, bool] = {}
 
 
@@ -176,15 +179,18 @@ class Recorder:
 
         def enter(module, args):
             if not _is_compiling() and get_ident() == thread:
-                log.enter_module(module, getframe(1))
+                caller = getframe(1)
+                log.enter_module(module, caller)
+                if paused:
+                    self._resume_left_pauses()
                 kind = type(module)
                 if (fast_path[kind] if kind in fast_path else _fast_path_kind(kind)) and not paused:
-                    self._pause_for_fast_path(module, args)
+                    self._pause_for_fast_path(module, args, caller)
 
         def leave(module, args, output):
             if not _is_compiling() and get_ident() == thread:
                 log.leave_module()
-                if paused and paused[-1] is module:
+                if paused and paused[-1][0] is module:
                     self._resume_after_fast_path()
 
         self._module_handles = [nn_module.register_module_forward_pre_hook(enter),
@@ -221,16 +227,24 @@ class Recorder:
         mode = self._mode = RecordingMode(self)  # (set first: a stop part-way finds it, on the stack or not)
         mode.__enter__()
 
-    def _pause_for_fast_path(self, module: Any, args: tuple) -> None:
+    def _pause_for_fast_path(self, module: Any, args: tuple, caller: Any) -> None:
         """A transformer layer or attention in inference takes PyTorch's fused fast path only where
         no torch function mode is active: with nothing to record (no graph is built), the mode steps
-        off the stack for the call, so the layer computes what it computes untraced."""
+        off the stack for the call, so the layer computes what it computes untraced. ``caller`` is
+        the frame of the module's call (the global hook sees no keyword arguments; that frame has them)."""
         if module.training:
             return
         if torch.is_grad_enabled():
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
-            if any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters()):
+            if any(p.requires_grad for p in module.parameters()):
                 return  # a graph is being built: no fast path untraced either
+            try:
+                kwargs = caller.f_locals.get("kwargs")
+            except Exception:
+                return
+            if not isinstance(kwargs, dict):
+                return  # cannot tell whether a keyword input builds a graph: keep recording
+            if any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values())):
+                return
         mode = self._mode
         length = torch._C._len_torch_function_stack()
         if mode is None or not length or torch._C._get_function_stack_at(length - 1) is not mode:
@@ -238,7 +252,7 @@ class Recorder:
         from torch.overrides import _pop_mode
 
         _pop_mode()
-        self._paused.append(module)
+        self._paused.append((module, caller))
         self.untraced.setdefault("fast path", FAST_PATH_NOTE)
 
     def _resume_after_fast_path(self) -> None:
@@ -248,9 +262,22 @@ class Recorder:
 
             _push_mode(self._mode)
 
+    def _resume_left_pauses(self) -> None:
+        """A layer left by a BaseException (KeyboardInterrupt caught inside the block) never runs
+        its leave hook: once its call's frame is gone, the mode goes back on the stack."""
+        while self._paused:
+            frame, target = sys._getframe(1), self._paused[-1][1]
+            while frame is not None and frame is not target:
+                frame = frame.f_back
+            if frame is not None:
+                return  # still inside the layer
+            self._resume_after_fast_path()
+            self.untraced.setdefault("fast path left", FAST_PATH_LEFT)
+
     def stop(self) -> None:
         """Remove the mode, the hooks and the engine wrapper (each by identity); safe to call twice."""
         mode, self._mode = self._mode, None
+        self._paused.clear()
         try:
             if mode is not None:
                 remove_mode(mode)
@@ -395,6 +422,8 @@ class Recorder:
     def _engine(self, outputs: Any, *args: Any, **kwargs: Any) -> Any:
         """Installed as ``_engine_run_backward`` while recording: every backward call passes here."""
         original = self._original_engine
+        if self._paused and threading.get_ident() == self._thread:
+            self._resume_left_pauses()
         running = self._running
         if running is not None and not self._closed and (
                 threading.get_ident() == self._thread or torch._C._current_graph_task_id() != -1):
@@ -432,9 +461,6 @@ class Recorder:
             raise
         finally:
             self._running = None
-            if self.hooked and not (call.create_graph if call.retain_graph is None else call.retain_graph):
-                for node in walk.seen:  # the graph is freed: its hooked nodes will not run again
-                    self.hooked.pop(node, None)
         self._after_pass(record, call.outputs)
         return result
 
@@ -485,21 +511,29 @@ class Recorder:
     def _open_pass(self, record: bw.PassRecord, roots: list, walk: bw.Walk, strategy: str, reason: str) -> None:
         """A new pass replaces the last one from the same call site (a training loop keeps one graph)."""
         site = (record.location, record.entry)
+        if self.hooked:
+            record.hooked = [node for node in self.hooked if node in walk.seen]
         previous = self.call_sites.pop(site, None)
         if previous is not None:
-            self._drop(self.passes[previous])
+            self._drop(self.passes[previous], walk)
         self.call_sites[site] = record.index
         while len(self.call_sites) > MAX_CALL_SITES:
             oldest = next(iter(self.call_sites))
-            self._drop(self.passes[self.call_sites.pop(oldest)])
+            self._drop(self.passes[self.call_sites.pop(oldest)], walk)
         record.strategy, record.reason = strategy, reason
         record.roots = roots
         record.signature, record.node_count = walk.signature, len(walk.seen)
         self.passes.append(record)
 
-    def _drop(self, record: bw.PassRecord) -> None:
+    def _drop(self, record: bw.PassRecord, walk: bw.Walk) -> None:
+        """Let ``record`` go for a new pass (``walk``): its hooked nodes too, where the new pass does
+        not walk them (a loop hooking a fresh tensor each step holds one step's nodes, not all)."""
         self.ledger.release(record)
         record.drop()
+        for node in record.hooked:
+            if node not in walk.seen:
+                self.hooked.pop(node, None)
+        record.hooked = []
 
     def _run_own(self, function: Any, *args: Any) -> Any:
         previous = getattr(_own_call, "active", None)
@@ -517,7 +551,7 @@ class Recorder:
             edges = bw.needed_edges(roots, {bw.edge_of(t)[0] for t in call.inputs})
             leaf_count = 0
         keeper = bw.GradientKeeper(record, self.memory_budget, self.small_values)
-        hooked = [(node, keeper) for node in self.hooked if node in walk.seen]  # a user's hook: what flowed on
+        hooked = [(node, keeper) for node in record.hooked]  # a user's hook: what flowed on
         estimate = bw.estimate_bytes(edges)
         if estimate > 4 * self.memory_budget:
             edges, summarised = self._split_for_budget(edges)
