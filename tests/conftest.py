@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import signal
+import warnings
 
 import pytest
 import torch
@@ -32,8 +33,10 @@ def torch_state() -> dict:
 
 
 def process_state() -> dict:
-    """And in the process: the assignment hook's binders, the SIGINT handler."""
-    return {"binders": sorted(dispatch.binders), "SIGINT handler": signal.getsignal(signal.SIGINT)}
+    """And in the process: the assignment hook's binders, the SIGINT handler, our warnings filter."""
+    ours = sum(1 for entry in warnings.filters if entry[1] is not None and "global hooks on modules" in entry[1].pattern)
+    return {"binders": sorted(dispatch.binders), "SIGINT handler": signal.getsignal(signal.SIGINT),
+            "warnings filters": ours}
 
 
 @pytest.fixture(autouse=True)

@@ -161,12 +161,17 @@ def test_torch_func_transforms_run_untouched_and_the_trace_says_so():
     xs = torch.randn(5, 3)
     plain_vmap = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(w, xs)
     plain_jac = torch.func.jacrev(torch.sin)(w)
+    plain_vjp = torch.func.vjp(torch.sin, w)[1](torch.ones(3))
     with torchmagic.trace() as t:
         traced_vmap = torch.func.vmap(torch.func.grad(f), in_dims=(None, 0))(w, xs)
         traced_jac = torch.func.jacrev(torch.sin)(w)
+        _, vjp_fn = torch.func.vjp(torch.sin, w)
+        traced_vjp = vjp_fn(torch.ones(3))  # its backward runs after the transform's level is gone
         v = torch.ones(3, requires_grad=True)
         (v * 2).sum().backward()
     assert torch.equal(plain_vmap, traced_vmap) and torch.equal(plain_jac, traced_jac)
+    assert torch.equal(plain_vjp[0], traced_vjp[0])
+    assert any("ran unrecorded" in note for note in t.notes)
     assert any("torch.func" in note for note in t.notes)
     assert torch.equal(t.grad("v"), torch.full((3,), 2.0))
 
@@ -747,3 +752,65 @@ def test_a_post_accumulate_hook_with_a_hook_on_the_leafs_node_does_not_reach_the
         w.grad.zero_()
     assert torch.equal(t.grad("w"), torch.full((3,), 2.0))
     assert torch.equal(w.grad, torch.zeros(3))
+
+
+@pytest.mark.parametrize("make", [
+    lambda a, b: torch.cat([a, b]),
+    lambda a, b: torch.stack([a, b[:2]]).sum(0),
+    lambda a, b: a.t().t(),
+    lambda a, b: a.unsqueeze(0).sum(0),
+    lambda a, b: torch.view_as_real(torch.view_as_complex(a.reshape(3, 2))),
+], ids=["cat", "stack", "chain of views", "unsqueeze-sum", "view_as_complex"])
+def test_a_gradient_of_the_same_memory_as_a_leafs_grad_is_never_shown_changed(make):
+    """Backwards of views, ``cat`` and ``stack`` hand leaves views of a gradient the pass computed,
+    which then becomes ``.grad``: clipped inside the block, the trace keeps a copy; clipped after
+    it, the trace says so rather than show the clipped numbers."""
+    torch.manual_seed(0)
+    a0, b0, c = torch.randn(2, 3), torch.randn(3, 3), torch.randn(5, 3)
+
+    def run(traced: bool, clip_inside: bool):
+        a, b = a0.clone().requires_grad_(), b0.clone().requires_grad_()
+        if not traced:
+            h = make(a, b)
+            h.retain_grad()
+            (h * c[:h.shape[0], :h.shape[1]]).sum().backward()
+            return None, h.grad.clone()
+        with torchmagic.trace() as t:
+            h = make(a, b)
+            loss = (h * c[:h.shape[0], :h.shape[1]]).sum()
+            loss.backward()
+            if clip_inside:
+                nn.utils.clip_grad_norm_([a, b], max_norm=0.01)
+        if not clip_inside:
+            nn.utils.clip_grad_norm_([a, b], max_norm=0.01)
+        return t, None
+
+    _, truth = run(False, False)
+    t, _ = run(True, clip_inside=True)
+    assert torch.equal(t.grad("h"), truth)
+    t, _ = run(True, clip_inside=False)
+    with pytest.raises(LookupError, match="changed in place"):
+        t.grad("h")
+
+
+def test_a_compiled_module_does_not_warn_of_the_traces_global_hooks():
+    """torch.compile(module) warns on every call where global module hooks exist: the trace's
+    hooks must not give traced code a warning untraced code does not get."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    compiled = torch.compile(model, backend="eager")
+    xb = torch.randn(2, 4)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torchmagic.trace() as t:
+                out = compiled(xb)
+                out.sum().backward()
+            after = compiled(xb)  # after the block, a warning would be torch's own business again
+        assert not [w for w in caught if "global hooks" in str(w.message)]
+        assert torch.equal(after, out.detach())
+        assert torch.equal(t.grad("model.2.weight"), model[2].weight.grad)
+    finally:
+        torch._dynamo.reset()

@@ -36,7 +36,7 @@ class EngineCall:
     """The arguments of ``torch.autograd.graph._engine_run_backward``, by name."""
 
     __slots__ = ("outputs", "grad_tensors", "retain_graph", "create_graph", "inputs", "allow_unreachable",
-                 "accumulate_grad")
+                 "accumulate_grad", "input_edges")
     _NAMES = ("grad_tensors", "retain_graph", "create_graph", "inputs", "allow_unreachable", "accumulate_grad")
 
     def __init__(self, outputs: Sequence[Any], args: tuple, kwargs: dict) -> None:
@@ -49,6 +49,7 @@ class EngineCall:
         self.inputs = tuple(values.get("inputs") or ())
         self.allow_unreachable = values.get("allow_unreachable", True)
         self.accumulate_grad = values.get("accumulate_grad", True)
+        self.input_edges: list[Edge] = []  # filled in by the recorder's analysis (it may fail)
 
     def run(self, engine: Any, inputs: tuple, accumulate_grad: bool) -> Any:
         return engine(self.outputs, self.grad_tensors, self.retain_graph, self.create_graph, inputs,
@@ -71,12 +72,11 @@ class Walk:
     no new objects (each one kept is one more for Python's garbage collector to scan).
     """
 
-    __slots__ = ("seen", "leaf_edges", "leaf_parents", "edges", "kinds", "sinks", "signature")
+    __slots__ = ("seen", "leaf_edges", "edges", "kinds", "sinks", "signature")
 
     def __init__(self, roots: Sequence[Edge]) -> None:
         seen: set[Any] = set()
         leaf_edges: list[Edge] = []
-        leaf_parents: list[Any] = []  # the node whose gradient each leaf's came from (None for a root)
         edges: list[Edge] = []
         kinds: list[type] = []
         sinks = 0
@@ -88,11 +88,10 @@ class Walk:
                 stack.append(node)
                 if type(node) is ACCUMULATE_GRAD:
                     leaf_edges.append(edge)
-                    leaf_parents.append(None)
                 else:
                     edges.append(edge)
         push, pop, add, accumulate_grad = stack.append, stack.pop, seen.add, ACCUMULATE_GRAD
-        leaf_edge, leaf_parent, edge_add = leaf_edges.append, leaf_parents.append, edges.append
+        leaf_edge, edge_add = leaf_edges.append, edges.append
         while stack:
             node = pop()
             kind = type(node)
@@ -110,7 +109,6 @@ class Walk:
                         add(child)
                         push(child)
                         leaf_edge(edge)
-                        leaf_parent(node)
                 else:
                     edge_add(edge)
                     if child not in seen:
@@ -120,7 +118,6 @@ class Walk:
                 sinks += 1
         self.seen = seen
         self.leaf_edges = leaf_edges
-        self.leaf_parents = leaf_parents
         self.edges = list(dict.fromkeys(edges))  # a tensor used twice appears once
         self.kinds = kinds
         self.sinks = sinks

@@ -17,15 +17,6 @@ from .stats import PendingSummary, floats_of, norms_of
 
 _no_subclass = torch._C.DisableTorchFunctionSubclass
 
-# Backward nodes of view ops: each returns a view of the gradient it receives.
-VIEW_BACKWARDS = frozenset({
-    "TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0", "ViewBackward0",
-    "UnsafeViewBackward0", "ReshapeAliasBackward0", "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2",
-    "UnsqueezeBackward0", "ExpandBackward0", "AliasBackward0", "AsStridedBackward0", "SliceBackward0",
-    "SelectBackward0", "UnbindBackward0", "DiagonalBackward0", "NarrowBackward0",
-})
-
-
 def _grad_of(leaf: torch.Tensor) -> Any:
     """``leaf.grad``, not through a subclass's ``__torch_function__`` (and without the cost of the
     context that avoids it, for plain tensors and parameters)."""
@@ -194,13 +185,11 @@ class LeafLedger:
         self.shared -= pointers
 
     # -- a pass's leaves -------------------------------------------------------------------------
-    def accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int,
-                   parents: list | None = None) -> list:
+    def accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int) -> list:
         """Each leaf's gradient (the first ``count`` edges) into its ``.grad``, by its own
-        AccumulateGrad node's rules, as the engine would have. ``parents``: the node each leaf's
-        gradient came from, where a view's backward may have made it share memory with another."""
+        AccumulateGrad node's rules, as the engine would have."""
         leaves = []
-        stolen_from_views: dict[Any, torch.Tensor] = {}
+        bases: set[int] = set()  # the tensors whose views became a leaf's .grad
         for i in range(count):
             grad = grads[i]
             if grad is None:
@@ -226,27 +215,28 @@ class LeafLedger:
                 self.shared.add(pointer)
                 self.watched[pointer] = weakref.ref(leaf)
                 record.versions[edge] = grad._version
-                parent = parents[i] if parents is not None else None
-                if parent is not None and type(parent).__name__ in VIEW_BACKWARDS:
-                    stolen_from_views[parent] = grad
+                base = grad._base
+                if base is not None:
+                    bases.add(id(base))
             else:
                 self.watch(leaf)
             leaves.append((leaf, edge, grad))
-        if stolen_from_views:
-            self._share_views(record, edges, grads, stolen_from_views)
+        if bases:
+            self._share_views(record, edges, grads, count, bases)
         return leaves
 
     @staticmethod
-    def _share_views(record: bw.PassRecord, edges: list, grads: tuple, stolen: dict[Any, torch.Tensor]) -> None:
-        """A view's backward (``w.t()`` in ``linear``) hands its leaf a view of the gradient it got:
-        once that leaf's ``.grad`` is that memory, the gradient kept for the view is shared too, and
+    def _share_views(record: bw.PassRecord, edges: list, grads: tuple, count: int, bases: set[int]) -> None:
+        """A view's backward (``w.t()`` in ``linear``, ``cat``'s slices, a chain of views) hands its
+        leaf a view of a gradient the pass computed: once that leaf's ``.grad`` is that memory, every
+        kept gradient of the same view family (the base, and its other views) is shared too, and
         is watched like it (copied before an in-place write, its version checked when read)."""
-        storages = {grad.untyped_storage().data_ptr() for grad in stolen.values()}
-        for i, edge in enumerate(edges):
-            if edge[0] in stolen:
-                value = grads[i]
-                if isinstance(value, torch.Tensor) and value.untyped_storage().data_ptr() in storages:
-                    record.versions[edge] = value._version
+        for i in range(count, len(edges)):
+            value = grads[i]
+            if isinstance(value, torch.Tensor):
+                base = value._base
+                if id(value) in bases or (base is not None and id(base) in bases):
+                    record.versions[edges[i]] = value._version
 
     def watch(self, leaf: torch.Tensor) -> None:
         """Note where ``leaf.grad`` lives, so an in-place write to it later is seen."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import warnings
 import weakref
 from typing import Any
 
@@ -85,6 +86,21 @@ FAST_PATH_LEFT = ("a transformer layer run untouched was left by an exception th
                   "(KeyboardInterrupt): torch calls after it, up to the next module call or backward, "
                   "were not recorded")
 _fast_path_type: dict[type, bool] = {}
+_COMPILE_HOOKS_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks on modules"
+
+
+def _remove_warning_filter(entry: Any) -> None:
+    """Take our filter out of ``warnings.filters`` by identity (a user's ``catch_warnings`` may
+    already have restored a list without it)."""
+    if entry is None:
+        return
+    for i, other in enumerate(warnings.filters):
+        if other is entry:
+            del warnings.filters[i]
+            mutated = getattr(warnings, "_filters_mutated", None) or getattr(warnings, "_filters_mutated_lock_held", None)
+            if mutated is not None:
+                mutated()
+            return
 
 
 def _fast_path_kind(kind: type) -> bool:
@@ -133,6 +149,7 @@ class Recorder:
         self._thread = threading.get_ident()
         self._mode: RecordingMode | None = None
         self._module_handles: list[Any] = []
+        self._warning_filter: Any = None  # the warnings filter this recording added (removed by identity)
         self._original_engine: Any = None
         self._installed_engine: Any = None
         self._original_apply: Any = None
@@ -195,6 +212,9 @@ class Recorder:
 
         self._module_handles = [nn_module.register_module_forward_pre_hook(enter),
                                 nn_module.register_module_forward_hook(leave, always_call=True)]
+        # torch.compile(module) warns of global module hooks on every call: ours, not the user's
+        warnings.filterwarnings("ignore", message=_COMPILE_HOOKS_WARNING, category=UserWarning)
+        self._warning_filter = warnings.filters[0]
         self._original_apply = Function.__dict__["apply"]
         original_apply = self._original_apply.__func__
 
@@ -285,6 +305,8 @@ class Recorder:
             for handle in self._module_handles:
                 handle.remove()
             self._module_handles = []
+            entry, self._warning_filter = self._warning_filter, None
+            _remove_warning_filter(entry)
             installed, self._installed_engine = self._installed_engine, None
             if installed is not None:
                 _unpatch(graph_module, "_engine_run_backward", installed, self._original_engine)
@@ -443,6 +465,7 @@ class Recorder:
         record = bw.PassRecord(len(self.passes), "backward" if call.accumulate_grad else "grad", user_location())
         try:
             roots = [bw.edge_of(t) for t in call.outputs]
+            call.input_edges = [bw.edge_of(t) for t in call.inputs]
             walk = bw.Walk(roots)
             strategy, reason = self._strategy(call, walk)
         except Exception as error:  # our analysis failed: the pass runs as if untraced
@@ -548,7 +571,7 @@ class Recorder:
             edges = walk.all_edges()
             leaf_count = len(walk.leaf_edges)
         else:
-            edges = bw.needed_edges(roots, {bw.edge_of(t)[0] for t in call.inputs})
+            edges = bw.needed_edges(roots, {edge[0] for edge in call.input_edges})
             leaf_count = 0
         keeper = bw.GradientKeeper(record, self.memory_budget, self.small_values)
         hooked = [(node, keeper) for node in record.hooked]  # a user's hook: what flowed on
@@ -562,14 +585,13 @@ class Recorder:
             user_grads, grads = self._run_own(bw.run_captured, call, self._original_engine, edges, hooked)
         finally:
             self._capturing = None
-        leaves = self.ledger.accumulate(record, edges, grads, leaf_count, walk.leaf_parents)
+        leaves = self.ledger.accumulate(record, edges, grads, leaf_count)
         record.edges, record.values = edges, list(grads)
         if len(edges) <= 64 or estimate > self.memory_budget / 2 or _total_bytes(grads) > self.memory_budget / 2:
             self._keep_within_budget(record, keeper)  # near the budget (the estimate may miss one big gradient)
         if not call.accumulate_grad:
-            for tensor, grad in zip(call.inputs, user_grads):
+            for edge, grad in zip(call.input_edges, user_grads):
                 if grad is not None:
-                    edge = bw.edge_of(tensor)
                     if record.gradient(edge) is None:
                         keeper.keep(edge, grad)
                     if type(edge[0]) is bw.ACCUMULATE_GRAD:
@@ -631,9 +653,8 @@ class Recorder:
         for leaf, _, _ in leaves:
             self.ledger.watch(leaf)
         if not call.accumulate_grad and result:
-            for tensor, grad in zip(call.inputs, result):
+            for edge, grad in zip(call.input_edges, result):
                 if grad is not None:
-                    edge = bw.edge_of(tensor)
                     if edge not in record.grads:
                         keeper.keep(edge, grad)
         self.ledger.note(record, leaves)
