@@ -246,3 +246,22 @@ def test_only_the_newest_trace_keeps_its_gradient_tensors(shell):
         first.grad("w")
     assert first.node("w").grad.values == [2.0, 2.0, 2.0]  # its statistics stay
     assert torch.equal(torchmagic.last_trace().grad("w"), torch.full((3,), 2.0))
+
+
+def test_a_view_named_in_the_cell_keeps_its_name_through_an_optimizer_step(shell):
+    """The cell names tensors as they are assigned, so ``wt`` is the t() the pass went through even
+    after ``opt.step()`` gives it a new grad_fn; a view made in an earlier cell is not listed."""
+    shell.run("import torch\n"
+              "lin = torch.nn.Linear(3, 2)\n"
+              "xb = torch.randn(4, 3)\n"
+              "opt = torch.optim.SGD(lin.parameters(), lr=0.1)\n"
+              "earlier = lin.weight.t()\n")
+    shell.run("%%autograd_trace --text\n"
+              "wt = lin.weight.t()\n"
+              "wt.retain_grad()\n"
+              "loss = (xb @ wt).pow(2).sum()\n"
+              "loss.backward()\n"
+              "opt.step()\n")
+    trace = torchmagic.last_trace()
+    assert torch.equal(trace.grad("wt"), shell.ns["wt"].grad)
+    assert trace.missing == []

@@ -467,6 +467,33 @@ def test_a_hook_put_before_the_trace_is_honoured():
     assert torch.allclose(x.grad, 40 * y.detach())
 
 
+def test_a_hook_a_module_put_inside_its_forward_before_the_trace_is_honoured():
+    """Gradient reversal put by a module's forward on an activation no name reaches, forward run
+    before the trace: the pass is hooked node by node, so the trace shows what flowed on."""
+    class Reversal(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 1)
+
+        def forward(self, x):
+            feat = torch.tanh(self.a(x))
+            feat.register_hook(lambda g: -2 * g)
+            self.feat = feat
+            return self.b(feat)
+
+    torch.manual_seed(0)
+    model = Reversal()
+    xb = torch.randn(2, 3)
+    out = model(xb)
+    model.feat.retain_grad()
+    with torchmagic.trace() as t:
+        out.sum().backward()
+    shown = [n for n in t.nodes if n.op == "tanh"]
+    assert len(shown) == 1 and t.passes[0].strategy == "hooks" and "before the recording" in t.passes[0].note
+    assert torch.allclose(torch.tensor(shown[0].grad.values), model.feat.grad)
+    assert torch.allclose(t.grad("model.a.weight"), model.a.weight.grad)
+
+
 def test_multi_grad_hooks_and_flop_counting_run_traced_as_untraced():
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -814,3 +841,32 @@ def test_a_compiled_module_does_not_warn_of_the_traces_global_hooks():
         assert torch.equal(t.grad("model.2.weight"), model[2].weight.grad)
     finally:
         torch._dynamo.reset()
+
+
+def test_a_named_view_of_a_parameter_stepped_in_the_block_is_listed_not_lost():
+    """``wt = lin.weight.t()``, then ``opt.step()`` in the block: PyTorch gives wt a new grad_fn,
+    so the graph's t() cannot be named wt from the namespace. The trace says so, where wt went."""
+    torch.manual_seed(0)
+    lin = nn.Linear(3, 2)
+    xb = torch.randn(4, 3)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    with torchmagic.trace() as t:
+        wt = lin.weight.t()
+        out = xb @ wt
+        loss = out.pow(2).sum()
+        loss.backward()
+        opt.step()
+    lost = [m for m in t.missing if m.name == "wt"]
+    assert len(lost) == 1 and "t(lin.weight)" in lost[0].reason and lost[0].shape == (3, 2)
+    with pytest.raises(KeyError, match="changed in place after the view was made"):
+        t.grad("wt")
+    assert "wt" in t.text()  # listed under "no gradient"
+    # without the step, the same cell names it, and its gradient is retain_grad's
+    lin.zero_grad()
+    with torchmagic.trace() as t:
+        wt = lin.weight.t()
+        wt.retain_grad()
+        out = xb @ wt
+        loss = out.pow(2).sum()
+        loss.backward()
+    assert torch.equal(t.grad("wt"), wt.grad) and not t.missing

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import math
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -72,7 +73,7 @@ class Walk:
     no new objects (each one kept is one more for Python's garbage collector to scan).
     """
 
-    __slots__ = ("seen", "leaf_edges", "edges", "kinds", "sinks", "signature")
+    __slots__ = ("seen", "leaf_edges", "edges", "kinds", "sinks", "signature", "oldest")
 
     def __init__(self, roots: Sequence[Edge]) -> None:
         seen: set[Any] = set()
@@ -80,6 +81,7 @@ class Walk:
         edges: list[Edge] = []
         kinds: list[type] = []
         sinks = 0
+        oldest = sys.maxsize  # the lowest sequence number of a node (one made before a recording began?)
         stack = []
         for edge in roots:
             node = edge[0]
@@ -98,6 +100,9 @@ class Walk:
             kinds.append(kind)
             if kind is accumulate_grad:
                 continue
+            seq = node._sequence_nr()
+            if seq < oldest:
+                oldest = seq
             leads = False
             for edge in node.next_functions:
                 child = edge[0]
@@ -121,6 +126,7 @@ class Walk:
         self.edges = list(dict.fromkeys(edges))  # a tensor used twice appears once
         self.kinds = kinds
         self.sinks = sinks
+        self.oldest = oldest
         self.signature = hash(tuple(kinds))
 
     def all_edges(self) -> list[Edge]:

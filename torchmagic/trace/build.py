@@ -29,6 +29,9 @@ NO_GRAD = "used only under torch.no_grad()"
 DETACHED = "used only through .detach()"
 CHANGED_IN_PLACE = ("its gradient was kept in a leaf's .grad (no copy), which code the trace did not see "
                     "changed in place; a leaf's norm per pass was taken before")
+VIEW_REGENERATED = ("a view of {base}, changed in place after the view was made (an optimizer step?): PyTorch "
+                    "gave the view a new grad_fn, so which tensor of the graph it was is unknown (it may be "
+                    "{could_be})")
 PASS_THROUGH = frozenset({HOOK_WRAPPER, "AliasBackward0"})  # identity nodes drawn as the edge they pass on
 RECENT_LOGS = 4  # forward logs kept per thread, so a later cell's backward can name an earlier cell's ops
 CUT_WALK_LIMIT = 20_000  # nodes walked, in all, to find the leaves a detach cut off
@@ -146,7 +149,7 @@ class Builder:
         _assign_modules(nodes)
         data.update(
             nodes=nodes,
-            missing=self.missing(data.pop("in_graph")),
+            missing=self.missing(data.pop("in_graph")) + self.lost_views(nodes),
             passes=self.pass_infos(edge_names),
             grad_history=self.history(),
             op_count=self.recorder.op_count,
@@ -432,6 +435,39 @@ class Builder:
             label = self._leaf_label(key, None)
             if label is not None:
                 out.append(MissingGradient(label, tuple(leaf.shape), f"cut off by {cut.how}", self._line(cut.location)))
+        return out
+
+    def lost_views(self, nodes: list[TraceNode]) -> list[MissingGradient]:
+        """Named views the graph cannot name: a view whose base was changed in place after it was
+        made (an optimizer step on the parameter of ``wt = w.t()``) gets a new ``grad_fn`` from
+        PyTorch when next read, which is not the node the pass went through. Listed where the
+        graph has unnamed tensors of the same base and shape that it may have been."""
+        drawn = {name for node in nodes for name in node.names}
+        by_name = {name: node for node in nodes for name in node.names}
+        log = self.recorder.log
+        out: list[MissingGradient] = []
+        for name, tensor in self.names.tensors:
+            if name in drawn:
+                continue
+            try:
+                if not (tensor.requires_grad and tensor._is_view()):
+                    continue
+                node = tensor.grad_fn
+                if node is None or node._sequence_nr() < log.first_seq or log.made_here(node._sequence_nr()):
+                    continue  # made before the trace, or by a call it recorded: not a regenerated node
+                base = self.names.param_name(tensor._base) or next(iter(self.names.by_id.get(id(tensor._base), [])),
+                                                                   None)
+                base_node = by_name.get(base) if base is not None else None
+                if base_node is None:
+                    continue
+                shape = tuple(tensor.shape)
+                could_be = list(dict.fromkeys(f"{n.op}({base})" for n in nodes
+                                              if n.name is None and base_node.id in n.inputs and n.shape == shape))
+                if could_be:
+                    out.append(MissingGradient(name, shape, VIEW_REGENERATED.format(base=base,
+                                                                                  could_be=", ".join(could_be))))
+            except Exception:
+                continue
         return out
 
     def _leaf_label(self, key: int, fallback: str | None) -> str | None:

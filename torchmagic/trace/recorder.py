@@ -183,7 +183,6 @@ class Recorder:
             raise
 
     def _start(self) -> None:
-        self._note_earlier_hooks()
         self.log = ForwardLog()
         self._thread = self.log.thread
         log = self.log
@@ -336,24 +335,6 @@ class Recorder:
         self.hooked.clear()
         self.ledger.clear()
         self.log = ForwardLog()
-
-    def _note_earlier_hooks(self) -> None:
-        """Hooks put on tensors before the recording (the forward in one cell, backward in the next):
-        their nodes get a prehook in capture mode too, so what is shown is what flowed on."""
-        if self.namespace_source is None:
-            return
-        try:
-            values = list(self.namespace_source().values())
-        except Exception:
-            return
-        for value in values:
-            if issubclass(type(value), torch.Tensor):
-                try:
-                    with _no_subclass():
-                        if value._backward_hooks and value.grad_fn is not None:
-                            self.hooked[value.grad_fn] = None
-                except Exception:
-                    continue
 
     # -- forward side paths (rare: most ops only append to the log) ------------------------
     def note_untraced(self) -> None:
@@ -527,6 +508,8 @@ class Recorder:
             return "hooks", "backward(inputs=...)"
         if walk.sinks:
             return "hooks", "the graph has nodes that lead nowhere"
+        if walk.oldest < self.log.first_seq:
+            return "hooks", "part of the graph was built before the recording (hooks put on it then are not known)"
         if self._distributed:
             return "hooks", "a distributed process group (DDP hooks on AccumulateGrad)"
         return "capture", ""

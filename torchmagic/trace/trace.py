@@ -203,6 +203,9 @@ class Trace(TraceChecks):
         if not matches:
             matches = [n for n in nodes if n.name is not None and n.name.split(" (")[0] == name]
         if not matches:
+            lost = next((m for m in self.missing if m.name == name), None)
+            if lost is not None:
+                raise KeyError(f"{name!r} has no gradient in this trace: {lost.reason}")
             known = ", ".join(self.names) or "none"
             raise KeyError(f"no tensor named {name!r} in this trace; known names: {known}")
         return matches[-1]
