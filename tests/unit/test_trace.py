@@ -460,3 +460,19 @@ def test_one_big_gradient_among_many_small_ones_keeps_to_the_budget(position):
     summary = t.node("big").grad
     assert summary.norm_only
     assert summary.norm == pytest.approx(run(False).grad.norm().item(), rel=1e-5)
+
+
+def test_a_tensor_bound_to_several_variables_answers_to_each():
+    """``w = y.relu_()`` returns y itself and ``z = y`` aliases it: one tensor, three names."""
+    x = torch.randn(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        y = x * 2
+        w = y.relu_()
+        z = y
+        z.retain_grad()
+        loss = (z * 3).sum()
+        loss.backward()
+    assert w is y and z is y
+    assert set(t.node("y").names) == {"y", "w", "z"} and t.node("w") is t.node("z")
+    assert t.node("y").op == "relu_"
+    assert torch.equal(t.grad("w"), z.grad)

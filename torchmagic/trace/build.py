@@ -218,7 +218,7 @@ class Builder:
             if node is not None:
                 edge = (node, tensor.output_nr)
                 entries = names.setdefault(alias.get(edge, edge), [])
-                if not entries:
+                if all(known != name for known, _ in entries):  # (z = y: one tensor, every name)
                     entries.append((name, None))
         return names
 
