@@ -258,3 +258,30 @@ def test_html_stays_under_a_megabyte_with_hundreds_of_parameters_over_many_passe
     assert len(html.encode()) < 1_000_000
     assert "250 more series not listed (max_rows=50)" in html
     assert "tensors not listed (max_rows=50)" in t.text() and "250 more series not listed" in t.text()
+
+
+def test_a_collapsed_calls_output_used_inside_the_call_draws_no_cycle():
+    """A VAE encoder returns mu and also uses it (z = mu + ...): collapsed, mu leaves the box, and
+    its use inside is no arrow back into the box (that drew a path mu -> model -> logvar)."""
+    class Encoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            mu, logvar = self.a(x), self.b(x)
+            z = mu + torch.exp(0.5 * logvar)
+            return z, mu, logvar
+
+    torch.manual_seed(0)
+    model = Encoder()
+    xb = torch.randn(4, 3)
+    with torchmagic.trace() as t:
+        z, mu, logvar = model(xb)
+        loss = z.sum() + mu.pow(2).sum() + logvar.sum()
+        loss.backward()
+    t.set_view(depth=0)
+    drawing = truth.check(t)
+    (box,) = [name for name, b in drawing.boxes.items() if b.kind == "module"]
+    assert not [e for e in drawing.edges if e.head == box and e.tail.startswith("t")]
+    assert {f"t{t.node(n).id}" for n in ("mu", "logvar", "z")} <= {e.head for e in drawing.edges if e.tail == box}

@@ -180,6 +180,7 @@ class _Builder:
                 continue
             done_ops.add((head, node.op_id))
             twin = node.id in view.stand_in
+            unit = view.owner.get(view.drawn_as(node.id))
             own: list[Edge] = []
             for u in node.inputs:
                 tail = self.exit_box(u)
@@ -187,6 +188,8 @@ class _Builder:
                     continue
                 here, there = self.unit_of.get(node.id), self.unit_of.get(u)
                 recurrent = here is not None and there is not None and here[0] == there[0] and here[1] != there[1]
+                if unit is not None and not recurrent and view.owner.get(view.drawn_as(u)) == unit:
+                    continue  # inside one collapsed call (a VAE's mu, returned and also used inside)
                 a, b = self.block_of.get(node.id), self.block_of.get(u)
                 if a is not None and b is not None and a[0] == b[0] and a[1] != b[1]:
                     continue  # one block feeding the next inside a fold: the ×N says so
