@@ -870,3 +870,103 @@ def test_a_named_view_of_a_parameter_stepped_in_the_block_is_listed_not_lost():
         loss = out.pow(2).sum()
         loss.backward()
     assert torch.equal(t.grad("wt"), wt.grad) and not t.missing
+
+
+def test_gradients_handed_to_the_code_keep_their_values_when_the_code_changes_them():
+    """autograd.grad's results and backward(gradient=v)'s v are the very tensors the trace keeps:
+    changed in place in the block, the trace keeps a copy first; after it, it says so."""
+    torch.manual_seed(0)
+    x = torch.randn(3)
+    w = torch.randn(3, requires_grad=True)
+    v = torch.ones(3)
+    with torchmagic.trace() as t:
+        h = (w * x).exp()
+        loss = (h * h).sum()
+        gw, gh = torch.autograd.grad(loss, [w, h])
+        expected_w, expected_h = gw.clone(), gh.clone()
+        gw.mul_(0.1)  # manual SGD scales in place
+        gh.zero_()
+        y = w.sin() * 3
+        y.backward(v)
+        v.mul_(7)  # the buffer reused
+    assert torch.equal(t.grad("w", pass_index=0), expected_w)
+    assert torch.equal(t.grad("h"), expected_h)
+    assert torch.equal(t.grad("y"), torch.ones(3))
+    with torchmagic.trace() as t:
+        (gw,) = torch.autograd.grad((w * x).sum(), [w])
+    gw.zero_()  # after the block: no copy, but no wrong number either
+    with pytest.raises(LookupError, match="changed in place"):
+        t.grad("w")
+
+
+def test_a_pass_the_engine_runs_itself_does_not_add_into_an_earlier_passs_gradient():
+    torch.manual_seed(0)
+    w = torch.randn(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        (w * w).sum().backward()  # captured: w.grad is the kept gradient itself
+        w.exp().sum().backward(inputs=[w])  # hooked: the engine adds into w.grad in place
+        w.sin().sum().backward(create_graph=True)
+    for k, expected in enumerate([2 * w.detach(), w.detach().exp(), w.detach().cos()]):
+        assert torch.allclose(t.grad("w", pass_index=k), expected)
+    assert "sum over the 3 passes" in t.node("w").leaf_grad_note
+    w.grad = None
+
+
+def test_a_parameter_frozen_before_backward_gets_no_grad_as_untraced():
+    torch.manual_seed(0)
+    layer = nn.Linear(3, 1)
+    xb = torch.randn(4, 3)
+    with torchmagic.trace():
+        out = layer(xb).sum()
+        layer.weight.requires_grad_(False)  # frozen after the forward
+        out.backward()
+    assert layer.weight.grad is None and layer.bias.grad is not None
+
+
+def test_autograd_grad_leaves_grad_alone_and_the_trace_says_nothing_of_it():
+    x = torch.randn(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        y = (x * 2).sin().sum()
+        torch.autograd.grad(y, x)
+    assert t.node("x").leaf_grad_note is None and x.grad is None
+
+
+def test_batched_grad_outputs_run_untouched_and_the_trace_says_so():
+    torch.manual_seed(0)
+    x = torch.randn(3, requires_grad=True)
+    w = torch.randn(3, 3, requires_grad=True)
+    (expected,) = torch.autograd.grad((w @ x).tanh(), (x,), torch.eye(3), is_grads_batched=True)
+    with torchmagic.trace(stop_on_nan=True) as t:
+        y = (w @ x).tanh()
+        (jac,) = torch.autograd.grad(y, (x,), torch.eye(3), is_grads_batched=True)
+    assert torch.equal(jac, expected)
+    assert any("is_grads_batched" in note for note in t.notes) and t.grad("y") is None
+
+
+def test_a_lazy_module_initialises_in_a_trace():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 1))
+    xb = torch.randn(5, 3)
+    with torchmagic.trace() as t:
+        loss = model(xb).pow(2).mean()
+        loss.backward()
+    assert model[0].weight.shape == (4, 3)
+    assert torch.equal(t.grad("model.0.weight"), model[0].weight.grad)
+
+
+def test_a_backward_pytorch_refuses_inside_a_hook_gives_pytorchs_error():
+    x = torch.randn(3, requires_grad=True)
+    messages = []
+
+    def hook(grad):
+        try:
+            torch.ones(2).sum().backward()
+        except RuntimeError as error:
+            messages.append(str(error))
+
+    for traced in (False, True):
+        y = x * 2
+        y.register_hook(hook)
+        with (torchmagic.trace() if traced else torch.enable_grad()):
+            y.sum().backward()
+    assert len(messages) == 2 and messages[0] == messages[1]

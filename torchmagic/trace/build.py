@@ -27,8 +27,9 @@ NOT_CALLED = "backward not called yet"
 NOT_REACHABLE = "not reachable from the output"
 NO_GRAD = "used only under torch.no_grad()"
 DETACHED = "used only through .detach()"
-CHANGED_IN_PLACE = ("its gradient was kept in a leaf's .grad (no copy), which code the trace did not see "
-                    "changed in place; a leaf's norm per pass was taken before")
+CHANGED_IN_PLACE = ("its gradient was kept without a copy, as the memory of a leaf's .grad or of a gradient "
+                    "the code was handed (autograd.grad), which code the trace did not see changed in place; "
+                    "a leaf's norm per pass was taken before")
 VIEW_REGENERATED = ("a view of {base}, changed in place after the view was made (an optimizer step?): PyTorch "
                     "gave the view a new grad_fn, so which tensor of the graph it was is unknown (it may be "
                     "{could_be})")

@@ -104,11 +104,11 @@ class LeafInfo:
     """A leaf tensor that requires grad, seen while recording: what made it, where, what cut it off.
     It holds the leaf weakly: a loop that makes a fresh leaf each step does not keep them all."""
 
-    __slots__ = ("ref", "shape", "op", "location", "names", "detached", "no_grad")
+    __slots__ = ("ref", "_shape", "op", "location", "names", "detached", "no_grad")
 
     def __init__(self, tensor: torch.Tensor, op: str | None, location: Location | None) -> None:
         self.ref = weakref.ref(tensor)
-        self.shape = tuple(tensor.shape)
+        self._shape = _shape_of(tensor)
         self.op = op
         self.location = location
         self.names: list[tuple[str, Location | None]] = []
@@ -118,6 +118,24 @@ class LeafInfo:
     @property
     def tensor(self) -> torch.Tensor | None:
         return self.ref()
+
+    @property
+    def shape(self) -> tuple[int, ...] | None:
+        """The leaf's shape now (``w.data = ...`` may change it), or as last seen once it died."""
+        tensor = self.ref()
+        if tensor is not None:
+            shape = _shape_of(tensor)
+            if shape is not None:
+                self._shape = shape
+        return self._shape
+
+
+def _shape_of(tensor: torch.Tensor) -> tuple[int, ...] | None:
+    try:  # (an uninitialized parameter of a lazy module has none yet)
+        with torch._C.DisableTorchFunctionSubclass():
+            return tuple(tensor.shape)
+    except Exception:
+        return None
 
 
 class LeafTable(dict):

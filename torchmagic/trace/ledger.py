@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 import weakref
 from array import array
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -88,6 +89,7 @@ class LeafLedger:
         self.history: dict[int, tuple[weakref.ref, NormHistory]] = {}  # id(leaf) -> (leaf, its norms)
         self.final: dict[int, tuple[Any, int | None, str | None]] = {}  # id(leaf) -> (summary, version, note)
         self.shared: set[int] = set()  # data pointers of leaves' .grad that are also a kept gradient
+        self.held: set[int] = set()  # data pointers of kept gradients the code holds too (autograd.grad's results)
         self.watched: dict[int, weakref.ref] = {}  # data pointer of a leaf's .grad -> the leaf, for in-place writes
         self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
         self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
@@ -95,13 +97,14 @@ class LeafLedger:
         self._prune_at = 1024
 
     def clear(self) -> None:
-        for store in (self.history, self.final, self.shared, self.watched, self.changed_in_place, self.summed,
+        for store in (self.history, self.final, self.shared, self.held, self.watched, self.changed_in_place, self.summed,
                       self._unread):
             store.clear()
 
     def stop_watching(self) -> None:
         """The recording is over: writes are no longer seen (a later change shows as a version change)."""
         self.shared.clear()
+        self.held.clear()
         self.watched.clear()
 
     def release(self, record: bw.PassRecord) -> None:
@@ -113,6 +116,7 @@ class LeafLedger:
                 grad = record.gradient(edge)
                 if isinstance(grad, torch.Tensor):
                     self.shared.discard(grad.data_ptr())
+                    self.held.discard(grad.data_ptr())
 
     # -- in-place writes to gradients we keep ----------------------------------------------
     def before_in_place(self, written: Any) -> None:
@@ -152,6 +156,9 @@ class LeafLedger:
             ref = self.watched.get(pointer)
         if ref is None:
             return
+        if pointer in self.held:  # a gradient the code was handed: the trace keeps a copy of it
+            hit.add(pointer)
+            return
         leaf = ref()
         grad = None if leaf is None else leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
         if grad is not None and grad.data_ptr() == pointer:
@@ -183,6 +190,58 @@ class LeafLedger:
                     except Exception:
                         continue
         self.shared -= pointers
+        self.held -= pointers
+
+    def hold(self, record: bw.PassRecord, edges: Sequence[bw.Edge], tensors: Sequence[Any] | None) -> None:
+        """The pass handed ``tensors`` to the code (``autograd.grad``'s results) or took them from it
+        (``backward(gradient=v)``), and keeps them for ``edges``: an in-place write by the code
+        (``g.mul_(lr)``, clipping once assigned to ``.grad``) gets the trace a copy first, and one
+        after the recording shows as a changed version, not as the pass's gradient."""
+        for edge, tensor in zip(edges, tensors or ()):
+            if type(tensor) is not torch.Tensor:
+                continue
+            kept = record.gradient(edge)
+            if kept is not tensor:
+                continue
+            try:
+                pointer = tensor.data_ptr()
+            except Exception:
+                continue
+            if not pointer:
+                continue
+            record.versions.setdefault(edge, tensor._version)
+            self.shared.add(pointer)
+            self.held.add(pointer)
+            self.watched.setdefault(pointer, weakref.ref(tensor))
+
+    def before_engine_accumulates(self, leaf_edges: list) -> set[int]:
+        """A pass run by the engine itself (hooked node by node) is about to add into these leaves'
+        ``.grad`` in place: where an earlier pass's kept gradient is that ``.grad``, copy it first.
+        Returns the leaves (ids) that have a ``.grad`` already."""
+        pointers, had = set(), set()
+        for node, _ in leaf_edges:
+            grad = _grad_of(node.variable)
+            if grad is None:
+                continue
+            had.add(id(node.variable))
+            try:
+                if self.shared and not grad.is_sparse and grad.data_ptr() in self.shared:
+                    pointers.add(grad.data_ptr())
+            except Exception:
+                continue
+        if pointers:
+            self._unshare(pointers)
+        return had
+
+    def engine_accumulated(self, leaves: list, had: set[int]) -> None:
+        """The engine added these leaves' gradients into ``.grad``: count the passes each ``.grad`` sums."""
+        for leaf, _, _ in leaves:
+            key = id(leaf)
+            if key in had:
+                self.summed[key] = self.summed.get(key, 1) + 1
+            else:
+                self.summed[key] = 1
+                self.changed_in_place.discard(key)
 
     # -- a pass's leaves -------------------------------------------------------------------------
     def accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int) -> list:
@@ -197,6 +256,13 @@ class LeafLedger:
             edge = edges[i]
             node = edge[0]
             leaf = node.variable
+            if type(leaf) in bw._PLAIN:
+                frozen = not leaf.requires_grad
+            else:
+                with _no_subclass():
+                    frozen = not leaf.requires_grad
+            if frozen:  # requires_grad_(False) after the forward: AccumulateGrad drops the gradient
+                continue
             old = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
             if old is not None and self.shared:
                 pointer = old.data_ptr() if not old.is_sparse else 0
@@ -327,8 +393,9 @@ class LeafLedger:
                 self.norms(record)
         self.read_back()
         last_gradient: dict[int, Any] = {}
+        backward = {record.index for record in self.passes if record.entry == "backward"}  # (.grad: not autograd.grad)
         for record in self.passes:
-            if not record.kept:
+            if not record.kept or record.index not in backward:
                 continue
             for leaf, edge in record.leaf_grads:
                 last_gradient[id(leaf)] = (record, edge)
@@ -336,12 +403,14 @@ class LeafLedger:
             leaf = ref()
             if leaf is None:
                 continue
+            passes = {index for index, _ in history if index in backward}
+            if not passes:
+                continue  # only autograd.grad reached it: .grad is none of the trace's business
             now = _grad_of(leaf)
             found = last_gradient.get(key)
             shown = None
             if found is not None:
                 shown = found[0].gradient(found[1])
-            passes = {index for index, _ in history}
             if now is None:
                 self.final[key] = (None, None, ".grad is None now (set to None after the last pass, e.g. "
                                                       "zero_grad())")

@@ -58,7 +58,7 @@ class GradientSummary:
     are not finite (mean, min, max and norm are then nan or inf themselves).
     """
 
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     numel: int
     mean: float
     min: float
@@ -189,6 +189,6 @@ class MissingGradient:
     """A leaf that requires grad but got no gradient in the trace, and why."""
 
     name: str
-    shape: tuple[int, ...]
+    shape: tuple[int, ...] | None
     reason: str
     source: SourceLine | None = None

@@ -89,6 +89,18 @@ _fast_path_type: dict[type, bool] = {}
 _COMPILE_HOOKS_WARNING = r"Using `torch\.compile\(module\)` when there are global hooks on modules"
 
 
+BATCHED_GRADS = ("backward passes over batched grad_outputs (autograd.grad(..., is_grads_batched=True), "
+                 "vectorized jacobian/hessian) ran untouched: their gradients exist only inside the vmap")
+_is_legacy_batched = getattr(torch._C._functorch, "is_legacy_batchedtensor", None)
+
+
+def _batched(value: Any) -> bool:
+    try:
+        return isinstance(value, torch.Tensor) and _is_legacy_batched is not None and _is_legacy_batched(value)
+    except Exception:
+        return False
+
+
 def _remove_warning_filter(entry: Any) -> None:
     """Take our filter out of ``warnings.filters`` by identity (a user's ``catch_warnings`` may
     already have restored a list without it)."""
@@ -441,8 +453,11 @@ class Recorder:
             return original(outputs, *args, **kwargs)
         if _is_compiling() or any(_traced_by_compiler(t) for t in outputs):  # AOTAutograd tracing a backward
             return original(outputs, *args, **kwargs)
-        self.log.compact()
         call = bw.EngineCall(outputs, args, kwargs)
+        if call.grad_tensors and any(_batched(g) for g in call.grad_tensors):
+            self.untraced.setdefault("batched grads", BATCHED_GRADS)  # (their values live inside the vmap)
+            return original(outputs, *args, **kwargs)
+        self.log.compact()
         record = bw.PassRecord(len(self.passes), "backward" if call.accumulate_grad else "grad", user_location())
         try:
             roots = [bw.edge_of(t) for t in call.outputs]
@@ -579,8 +594,11 @@ class Recorder:
                         keeper.keep(edge, grad)
                     if type(edge[0]) is bw.ACCUMULATE_GRAD:
                         leaves.append((edge[0].variable, edge, grad))
+            self.ledger.hold(record, call.input_edges, user_grads)
+            self.ledger.hold(record, roots, call.grad_tensors)
             self.ledger.note(record, leaves)
             return user_grads
+        self.ledger.hold(record, roots, call.grad_tensors)
         self.ledger.note(record, leaves)
         return ()
 
@@ -630,16 +648,21 @@ class Recorder:
 
     def _hooked_pass(self, call: bw.EngineCall, record: bw.PassRecord, walk: bw.Walk) -> Any:
         keeper = bw.GradientKeeper(record, self.memory_budget, self.small_values)
+        had = self.ledger.before_engine_accumulates(walk.leaf_edges) if call.accumulate_grad else set()
         result = self._run_own(bw.run_hooked, call, self._original_engine, record, list(walk.seen), keeper)
         leaves = [(edge[0].variable, edge, value) for edge, value in record.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD]
         for leaf, _, _ in leaves:
             self.ledger.watch(leaf)
+        if call.accumulate_grad:
+            self.ledger.engine_accumulated(leaves, had)
         if not call.accumulate_grad and result:
             for edge, grad in zip(call.input_edges, result):
                 if grad is not None:
                     if edge not in record.grads:
                         keeper.keep(edge, grad)
+            self.ledger.hold(record, call.input_edges, result)
+        self.ledger.hold(record, record.roots, call.grad_tensors)
         self.ledger.note(record, leaves)
         return result
 
@@ -648,11 +671,16 @@ class Recorder:
         recorded with prehooks as part of the running pass."""
         inner = bw.PassRecord(running.index, "backward", None)
         inner.strategy, inner.reason = "hooks", "run during the pass by reentrant checkpoint"
-        roots = [bw.edge_of(t) for t in call.outputs]
-        walk = bw.Walk(roots)
+        try:
+            roots = [bw.edge_of(t) for t in call.outputs]
+            walk = bw.Walk(roots)
+        except Exception:  # PyTorch's own error, as untraced (a backward of what needs no gradient)
+            return call.run(self._original_engine, call.inputs, call.accumulate_grad)
         inner.roots, inner.nexts, inner.node_count = roots, walk.seen, len(walk.seen)
         running.inner.append(inner)
         keeper = bw.GradientKeeper(inner, self.memory_budget, self.small_values)
+        if call.accumulate_grad:
+            self.ledger.before_engine_accumulates(walk.leaf_edges)
         result = self._run_own(bw.run_hooked, call, self._original_engine, inner, list(walk.seen), keeper)
         leaves = [(edge[0].variable, edge, value) for edge, value in inner.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD]

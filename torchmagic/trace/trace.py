@@ -256,13 +256,15 @@ class Trace(TraceChecks):
         if tensor is not None:
             version = data["grad_versions"].get(node.id)
             if version is not None and tensor._version != version:
-                raise LookupError(f"the gradient of {name!r} is shared with its .grad, which was changed in place "
-                                  f"since the trace was taken; t.node({name!r}).grad has the statistics of the pass")
+                raise LookupError(f"the gradient of {name!r} is shared with its .grad (or with a gradient the code "
+                                  f"holds), which was changed in place since the trace was taken; "
+                                  f"t.node({name!r}).grad has the statistics of the pass")
             return tensor
         if node.missing_reason == CHANGED_IN_PLACE:
-            raise LookupError(f"the gradient of {name!r} was kept in a leaf's .grad (no copy), which was changed in "
-                              "place by code the trace did not see (read the trace first, or change .grad inside "
-                              "the traced code); t.grad_history has the leaves' norms per pass")
+            raise LookupError(f"the gradient of {name!r} was kept without a copy (a leaf's .grad, or a gradient "
+                              "the code holds), which was changed in place by code the trace did not see (read the "
+                              "trace first, or change it inside the traced code); t.grad_history has the leaves' "
+                              "norms per pass")
         if node.grad is not None:
             raise LookupError(
                 f"the gradient of {name!r} was over the memory budget; only its statistics were kept "
