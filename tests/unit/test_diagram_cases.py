@@ -285,3 +285,43 @@ def test_a_collapsed_calls_output_used_inside_the_call_draws_no_cycle():
     (box,) = [name for name, b in drawing.boxes.items() if b.kind == "module"]
     assert not [e for e in drawing.edges if e.head == box and e.tail.startswith("t")]
     assert {f"t{t.node(n).id}" for n in ("mu", "logvar", "z")} <= {e.head for e in drawing.edges if e.tail == box}
+
+
+def test_blocks_whose_outputs_the_parent_also_uses_are_not_folded():
+    """``x = block(x) + x`` written in the parent: a fold would draw every block's output as the
+    last block's, and the adds fed from the final output (a cycle). Such blocks are drawn apart;
+    blocks that only feed each other still fold."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 4)
+
+        def forward(self, x):
+            return torch.tanh(self.lin(x))
+
+    class Residual(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList(Block() for _ in range(4))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x) + x
+            return x
+
+    class Chain(Residual):
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    torch.manual_seed(0)
+    xb = torch.randn(2, 4)
+    for kind, folds in ((Residual, 0), (Chain, 1)):
+        model = kind()
+        with torchmagic.trace() as t:
+            y = model(xb)
+            loss = y.pow(2).sum()
+            loss.backward()
+        assert len(t.view().folds) == folds, kind.__name__
+        truth.check(t)

@@ -374,6 +374,10 @@ class _Planner:
             parent_path, _, last = path.rpartition(".")
             if last.isdigit() and parent_path and not _on_expand_path(path, self.expand):
                 parents.setdefault((parent_path, parent), []).append((int(last), call))
+        consumers: dict[int, list[int]] = {}
+        for node in self.nodes:
+            for u in node.inputs:
+                consumers.setdefault(u, []).append(node.id)
         for _, children in sorted(parents.items(), key=lambda item: (natural(item[0][0]), str(item[0][1]))):
             children.sort()
             run: list[tuple[Call, list[TraceNode], tuple]] = []
@@ -386,7 +390,8 @@ class _Planner:
                 signature = (self.modules.get(call[0], ""), call in self.collapsed, call[1],
                              _signature(members, call[0]))
                 entry = (call, members, signature)
-                if run and index == int(run[-1][0][0].rsplit(".", 1)[1]) + 1 and signature == run[-1][2]:
+                if (run and index == int(run[-1][0][0].rsplit(".", 1)[1]) + 1 and signature == run[-1][2]
+                        and _feeds_only(run[-1][1], members, consumers)):
                     run.append(entry)
                     continue
                 self._close_run(run)
@@ -526,6 +531,14 @@ class _Planner:
                     if copy in self.owner and self.owner[copy][0] == unit.path:
                         numbers.add(self.owner[copy][1])
             unit.stands_for = sorted(numbers)
+
+
+def _feeds_only(block: list[TraceNode], following: list[TraceNode], consumers: Mapping[int, list[int]]) -> bool:
+    """Whether what ``block`` computes is used only inside it and by the ``following`` block: a fold
+    draws the last block for all, so a use of an earlier block's output elsewhere (``x = b(x) + x``
+    written in the parent, U-Net skips) would be drawn as a use of the last block's."""
+    inside = {n.id for n in block} | {n.id for n in following}
+    return all(c in inside for n in block for c in consumers.get(n.id, ()))
 
 
 def _common_prefix(a: tuple, b: tuple) -> tuple:
