@@ -325,3 +325,27 @@ def test_blocks_whose_outputs_the_parent_also_uses_are_not_folded():
             loss.backward()
         assert len(t.view().folds) == folds, kind.__name__
         truth.check(t)
+
+
+def test_a_loop_that_sums_a_loss_plots_its_hidden_state_not_the_sum():
+    """``loss = loss + ...`` is carried from step to step too, but its gradient is 1 throughout:
+    the plot is of ``hidden``, the state the next step computes with, as retain_grad has it."""
+    torch.manual_seed(0)
+    i2h, h2h, h2o = torch.nn.Linear(5, 12), torch.nn.Linear(12, 12), torch.nn.Linear(12, 3)
+    xs, ys = torch.randn(10, 1, 5), torch.randint(0, 3, (10, 1))
+    states = []
+    with torchmagic.trace() as t:
+        hidden = torch.zeros(1, 12)
+        loss = 0
+        for step in range(10):
+            hidden = torch.tanh(i2h(xs[step]) + h2h(hidden))
+            hidden.retain_grad()
+            states.append(hidden)
+            loss = loss + torch.nn.functional.cross_entropy(h2o(hidden), ys[step])
+        loss.backward()
+    (loop,) = t.view().loops
+    ((label, history),) = loop_history(t.nodes, [loop]).items()
+    assert label.startswith("hidden")
+    expected = [h.grad.norm().item() for h in states][-len(history):]
+    assert [norm for _, norm in history] == pytest.approx(expected, rel=1e-5)
+    assert "grad norm of hidden per iteration" in t.to_dot()

@@ -125,8 +125,31 @@ def find_loops(nodes: Sequence[TraceNode], exclude: Iterable[int] = (),
         if members & taken:
             continue
         taken |= members
+        loop.carried = _state(nodes, consumers, loop, candidates)
         found.append(loop)
     return found
+
+
+def _state(nodes: Sequence[TraceNode], consumers: list[list[int]], loop: Loop, candidates: list[list[int]]) -> list[int]:
+    """The carried tensor whose gradient the plot shows: of the chains that run through every folded
+    iteration, the loop's state (``hidden``, which the next iteration computes with) rather than an
+    accumulator (``loss = loss + ...``, which only the next sum uses: its gradient is 1 throughout)."""
+    unit_of = {i: k for k, unit in enumerate(loop.units) for i in unit}
+
+    def score(chain: list[int]) -> tuple[int, int]:
+        used = sum(any(unit_of.get(c) == k + 1 and c != chain[k + 1] for c in consumers[chain[k]])
+                   for k in range(len(chain) - 1))
+        return used, sum(nodes[i].name is not None for i in chain)
+
+    best, best_score = loop.carried, score(loop.carried)
+    for run in candidates:
+        chain = [i for i in run if i in unit_of]
+        if len(chain) != loop.count or [unit_of[i] for i in chain] != list(range(loop.count)):
+            continue
+        chain_score = score(chain)
+        if chain_score > best_score:
+            best, best_score = chain, chain_score
+    return best
 
 
 def _chains(nodes: Sequence[TraceNode], members: list[int]) -> list[list[int]]:
