@@ -56,7 +56,7 @@ def test_norm_history_is_exact_and_read_back_as_floats():
     assert all(math.isclose(history[i], expected[i], rel_tol=1e-5) for i in range(1500))
 
 
-def test_hooked_nodes_are_let_go_as_a_loops_passes_are_replaced():
+def test_hooked_nodes_are_known_by_number_and_not_held():
     torch.manual_seed(2)
     w = torch.randn(3, requires_grad=True)
     seen = []
@@ -66,12 +66,11 @@ def test_hooked_nodes_are_let_go_as_a_loops_passes_are_replaced():
             h = w * (step + 1)
             h.register_hook(lambda g: seen.append(g.clone()))
             h.sum().backward()
-        assert len(recorder.hooked) == 1  # each step's pass replaces the last: only its nodes are held
+        assert len(recorder.hooked) == 200 and all(type(seq) is int for seq in recorder.hooked)  # no node held
         h = w * 2
         h.register_hook(lambda g: g * 10)  # a hook that changes what flows on
         h.retain_grad()  # what PyTorch itself keeps for h, to check the trace against
         h.sum().backward(retain_graph=True)
-        assert len(recorder.hooked) == 2  # a pass from another line: the loop's last one stays too
         h.sum().backward()
     assert len(seen) == 200
     assert torch.equal(t.grad("h"), h.grad / 2)  # what flowed on from h in the last pass (h.grad: both)

@@ -970,3 +970,101 @@ def test_a_backward_pytorch_refuses_inside_a_hook_gives_pytorchs_error():
         with (torchmagic.trace() if traced else torch.enable_grad()):
             y.sum().backward()
     assert len(messages) == 2 and messages[0] == messages[1]
+
+
+def test_a_hooked_tensor_of_a_retained_graph_stays_hooked_when_its_pass_is_replaced():
+    """A helper line calls backward(retain_graph=True) for several losses, replacing its pass each
+    time; a later pass from another line walks the hooked tensor again and must show what flowed on."""
+    def backward_keep(loss):
+        loss.backward(retain_graph=True)
+
+    x = torch.ones(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        h = x * 2
+        h.register_hook(lambda g: g * 10)
+        h.retain_grad()
+        loss = h.sum()
+        backward_keep(loss)
+        backward_keep((x * 3).sum())  # replaces the pass through h
+        h.grad = None
+        loss.backward()
+    assert torch.equal(h.grad, torch.full((3,), 10.0)) and torch.equal(t.grad("h"), h.grad)
+
+
+def test_a_graph_built_in_another_thread_is_hooked_node_by_node():
+    """Sequence numbers count per thread: a graph (and a hook) built by the main thread, traced in
+    a worker, must not pass for one built during the recording."""
+    for _ in range(2000):
+        torch.ones(1, requires_grad=True) * 1  # the main thread's numbers well above a new thread's
+    x = torch.ones(3, requires_grad=True)
+    h = torch.tanh(x * 2)
+    h.register_hook(lambda g: g * 10)
+    h.retain_grad()
+    out = (h * 3).sum()
+    result = {}
+
+    def worker():
+        with torchmagic.trace() as t:
+            out.backward()
+        result["t"] = t
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    t = result["t"]
+    assert t.passes[0].strategy == "hooks" and "another thread" in t.passes[0].note
+    node = next(n for n in t.nodes if n.op == "tanh")
+    assert torch.allclose(torch.tensor(node.grad.values), h.grad)
+
+
+def test_a_slice_of_a_gradient_apart_from_a_leafs_grad_is_not_called_changed():
+    """cat's backward hands each input a slice of one gradient: a leaf's slice becomes its .grad.
+    Zeroing that .grad after the block bumps the family's version counter, but h's slice, whose
+    memory is apart, still holds what the pass computed."""
+    a = torch.zeros(2, requires_grad=True)
+    x = torch.ones(3, requires_grad=True)
+    with torchmagic.trace() as t:
+        h = x * 2
+        z = torch.cat([a, h])
+        loss = (z * torch.arange(1.0, 6.0)).sum()
+        loss.backward()
+    a.grad.zero_()
+    assert torch.equal(t.grad("h"), torch.tensor([3.0, 4.0, 5.0]))
+    with pytest.raises(LookupError, match="changed in place"):
+        t.grad("z")  # the whole gradient does include a's slice
+
+
+def test_the_compile_warning_filter_leaves_a_users_own_and_an_outer_traces():
+    import warnings
+
+    pattern = r"Using `torch\.compile\(module\)` when there are global hooks on modules"
+
+    def ours() -> int:
+        return sum(1 for entry in warnings.filters if entry[1] is not None and entry[1].pattern == pattern)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)  # the user's own
+        with torchmagic.trace():
+            with torchmagic.trace():
+                assert ours() == 3
+            assert ours() == 2  # the outer trace's is still there
+        assert ours() == 1
+
+
+def test_a_layer_left_by_a_keyboard_interrupt_with_nothing_after_is_noted_at_the_end():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+
+    def ctrl_c(module, args):
+        raise KeyboardInterrupt
+
+    handle = layer.register_forward_pre_hook(ctrl_c)
+    try:
+        with torchmagic.trace() as t:
+            with torch.no_grad():
+                with pytest.raises(KeyboardInterrupt):
+                    layer(torch.randn(2, 3, 8))
+            w = torch.ones(2, requires_grad=True)
+            (w * 2).sum()  # no module call or backward after: these run with the mode off
+    finally:
+        handle.remove()
+    assert any("not an Exception" in note for note in t.notes)

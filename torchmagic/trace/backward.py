@@ -73,7 +73,7 @@ class Walk:
     no new objects (each one kept is one more for Python's garbage collector to scan).
     """
 
-    __slots__ = ("seen", "leaf_edges", "edges", "kinds", "sinks", "signature", "oldest")
+    __slots__ = ("seen", "leaf_edges", "edges", "kinds", "sinks", "signature", "oldest", "newest")
 
     def __init__(self, roots: Sequence[Edge]) -> None:
         seen: set[Any] = set()
@@ -81,7 +81,7 @@ class Walk:
         edges: list[Edge] = []
         kinds: list[type] = []
         sinks = 0
-        oldest = sys.maxsize  # the lowest sequence number of a node (one made before a recording began?)
+        oldest, newest = sys.maxsize, -1  # a node's sequence numbers (made before a recording? in another thread?)
         stack = []
         for edge in roots:
             node = edge[0]
@@ -103,6 +103,8 @@ class Walk:
             seq = node._sequence_nr()
             if seq < oldest:
                 oldest = seq
+            if seq > newest:
+                newest = seq
             leads = False
             for edge in node.next_functions:
                 child = edge[0]
@@ -126,12 +128,18 @@ class Walk:
         self.edges = list(dict.fromkeys(edges))  # a tensor used twice appears once
         self.kinds = kinds
         self.sinks = sinks
-        self.oldest = oldest
+        self.oldest, self.newest = oldest, newest
         self.signature = hash(tuple(kinds))
 
     def all_edges(self) -> list[Edge]:
         """Every distinct edge, the leaves' first."""
         return self.leaf_edges + self.edges
+
+    def hooked(self, seqs: set[int]) -> list[Any]:
+        """The nodes walked whose sequence numbers are in ``seqs`` (those a user's tensor hook is on)."""
+        if not seqs:
+            return []
+        return [node for node in self.seen if type(node) is not ACCUMULATE_GRAD and node._sequence_nr() in seqs]
 
     def has_kind(self, name: str) -> bool:
         return any(kind.__name__ == name for kind in set(self.kinds))
@@ -148,7 +156,7 @@ class PassRecord:
 
     __slots__ = ("index", "entry", "location", "strategy", "reason", "roots", "edges", "values", "grads",
                  "summaries", "versions", "signature", "node_count", "failed", "inner", "kept", "leaf_grads",
-                 "nexts", "hooked", "_index")
+                 "nexts", "_index")
 
     def __init__(self, index: int, entry: str, location: Location | None) -> None:
         self.index = index
@@ -169,14 +177,13 @@ class PassRecord:
         self.kept = True
         self.leaf_grads: list[tuple[torch.Tensor, Edge]] = []  # (leaf, its edge) for each leaf this pass reached
         self.nexts: set[Any] = set()  # the nodes walked (kept for passes run from inside another)
-        self.hooked: list[Any] = []  # the nodes with a user's tensor hook this pass walked
         self._index: dict[Edge, int] | None = None
 
     def drop(self) -> None:
         """Let go of the graph and gradients (a later pass from the same call site replaces them)."""
         self.roots, self.edges, self.values, self.grads, self.summaries, self.versions = [], [], [], {}, {}, {}
         self.leaf_grads, self.inner, self.nexts, self._index = [], [], set(), None
-        self.kept = False  # (hooked stays: the recorder lets go of those nodes once no pass walks them)
+        self.kept = False
 
     def items(self):
         """(edge, tensor or summary) for every edge this pass kept something for."""

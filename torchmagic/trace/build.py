@@ -31,8 +31,7 @@ CHANGED_IN_PLACE = ("its gradient was kept without a copy, as the memory of a le
                     "the code was handed (autograd.grad), which code the trace did not see changed in place; "
                     "a leaf's norm per pass was taken before")
 VIEW_REGENERATED = ("a view of {base}, changed in place after the view was made (an optimizer step?): PyTorch "
-                    "gave the view a new grad_fn, so which tensor of the graph it was is unknown (it may be "
-                    "{could_be})")
+                    "gave the view a new grad_fn, so whether it is the graph's {could_be} is not known")
 PASS_THROUGH = frozenset({HOOK_WRAPPER, "AliasBackward0"})  # identity nodes drawn as the edge they pass on
 RECENT_LOGS = 4  # forward logs kept per thread, so a later cell's backward can name an earlier cell's ops
 CUT_WALK_LIMIT = 20_000  # nodes walked, in all, to find the leaves a detach cut off
@@ -442,7 +441,7 @@ class Builder:
         """Named views the graph cannot name: a view whose base was changed in place after it was
         made (an optimizer step on the parameter of ``wt = w.t()``) gets a new ``grad_fn`` from
         PyTorch when next read, which is not the node the pass went through. Listed where the
-        graph has unnamed tensors of the same base and shape that it may have been."""
+        graph has unnamed views of the same base and shape, which it may or may not be."""
         drawn = {name for node in nodes for name in node.names}
         by_name = {name: node for node in nodes for name in node.names}
         log = self.recorder.log
@@ -466,7 +465,7 @@ class Builder:
                                               if n.name is None and base_node.id in n.inputs and n.shape == shape))
                 if could_be:
                     out.append(MissingGradient(name, shape, VIEW_REGENERATED.format(base=base,
-                                                                                  could_be=", ".join(could_be))))
+                                                                                  could_be=" or ".join(could_be))))
             except Exception:
                 continue
         return out

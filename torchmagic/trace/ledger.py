@@ -69,6 +69,16 @@ class NormHistory:
 READ_BACK_EVERY = 1024  # norms (0-dim tensors, maybe on a GPU) read back to floats in one go
 
 
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The bytes of its storage a strided tensor can touch: [start, end)."""
+    size = tensor.element_size()
+    start = tensor.storage_offset() * size
+    if tensor.numel() == 0:
+        return start, start
+    reach = sum((n - 1) * abs(stride) for n, stride in zip(tensor.shape, tensor.stride()))
+    return start, start + (reach + 1) * size
+
+
 def _equal(shown: Any, now: torch.Tensor) -> bool:
     if not isinstance(shown, torch.Tensor):
         return False
@@ -248,7 +258,7 @@ class LeafLedger:
         """Each leaf's gradient (the first ``count`` edges) into its ``.grad``, by its own
         AccumulateGrad node's rules, as the engine would have."""
         leaves = []
-        bases: set[int] = set()  # the tensors whose views became a leaf's .grad
+        bases: dict[int, list[tuple[int, int]]] = {}  # id(base) -> byte spans of its views that became .grad
         for i in range(count):
             grad = grads[i]
             if grad is None:
@@ -283,7 +293,7 @@ class LeafLedger:
                 record.versions[edge] = grad._version
                 base = grad._base
                 if base is not None:
-                    bases.add(id(base))
+                    bases.setdefault(id(base), []).append(_span(grad))
             else:
                 self.watch(leaf)
             leaves.append((leaf, edge, grad))
@@ -292,17 +302,23 @@ class LeafLedger:
         return leaves
 
     @staticmethod
-    def _share_views(record: bw.PassRecord, edges: list, grads: tuple, count: int, bases: set[int]) -> None:
+    def _share_views(record: bw.PassRecord, edges: list, grads: tuple, count: int,
+                     bases: dict[int, list[tuple[int, int]]]) -> None:
         """A view's backward (``w.t()`` in ``linear``, ``cat``'s slices, a chain of views) hands its
         leaf a view of a gradient the pass computed: once that leaf's ``.grad`` is that memory, every
-        kept gradient of the same view family (the base, and its other views) is shared too, and
-        is watched like it (copied before an in-place write, its version checked when read)."""
+        kept gradient of the same view family (the base, and its other views) whose bytes overlap
+        it is shared too, and is watched like it (copied before an in-place write, its version
+        checked when read; a view family shares one version counter, so a slice apart from
+        ``.grad`` is left out, or writing to ``.grad`` would seem to change it)."""
         for i in range(count, len(edges)):
             value = grads[i]
             if isinstance(value, torch.Tensor):
                 base = value._base
-                if id(value) in bases or (base is not None and id(base) in bases):
-                    record.versions[edges[i]] = value._version
+                spans = bases.get(id(value)) or (bases.get(id(base)) if base is not None else None)
+                if spans:
+                    start, end = _span(value)
+                    if any(start < other_end and other_start < end for other_start, other_end in spans):
+                        record.versions[edges[i]] = value._version
 
     def watch(self, leaf: torch.Tensor) -> None:
         """Note where ``leaf.grad`` lives, so an in-place write to it later is seen."""

@@ -8,6 +8,7 @@ recorded). Nothing here imports IPython, and nothing is built until a trace asks
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 import warnings
@@ -101,6 +102,21 @@ def _batched(value: Any) -> bool:
         return False
 
 
+def _add_warning_filter() -> tuple:
+    """Our own entry at the front of ``warnings.filters`` (``filterwarnings`` would first remove an
+    equal one: a user's, or an outer trace's)."""
+    entry = ("ignore", re.compile(_COMPILE_HOOKS_WARNING, re.IGNORECASE), UserWarning, None, 0)
+    warnings.filters.insert(0, entry)
+    _filters_mutated()
+    return entry
+
+
+def _filters_mutated() -> None:
+    mutated = getattr(warnings, "_filters_mutated", None) or getattr(warnings, "_filters_mutated_lock_held", None)
+    if mutated is not None:
+        mutated()
+
+
 def _remove_warning_filter(entry: Any) -> None:
     """Take our filter out of ``warnings.filters`` by identity (a user's ``catch_warnings`` may
     already have restored a list without it)."""
@@ -109,9 +125,7 @@ def _remove_warning_filter(entry: Any) -> None:
     for i, other in enumerate(warnings.filters):
         if other is entry:
             del warnings.filters[i]
-            mutated = getattr(warnings, "_filters_mutated", None) or getattr(warnings, "_filters_mutated_lock_held", None)
-            if mutated is not None:
-                mutated()
+            _filters_mutated()
             return
 
 
@@ -148,7 +162,7 @@ class Recorder:
         self.log = ForwardLog()  # replaced by start(): the log of the recording
         self.leaves = LeafTable()
         self.cuts: list[Cut] = []
-        self.hooked: dict[Any, None] = {}  # nodes whose tensors got a user hook while recording
+        self.hooked: set[int] = set()  # sequence numbers of nodes whose tensors got a user hook (no node held)
         self.passes: list[bw.PassRecord] = []
         self.call_sites: dict[tuple, int] = {}  # (location, entry) -> index of its last pass
         self.ledger = LeafLedger(self.passes, small_values)  # each leaf's gradient, pass by pass
@@ -224,8 +238,7 @@ class Recorder:
         self._module_handles = [nn_module.register_module_forward_pre_hook(enter),
                                 nn_module.register_module_forward_hook(leave, always_call=True)]
         # torch.compile(module) warns of global module hooks on every call: ours, not the user's
-        warnings.filterwarnings("ignore", message=_COMPILE_HOOKS_WARNING, category=UserWarning)
-        self._warning_filter = warnings.filters[0]
+        self._warning_filter = _add_warning_filter()
         self._original_apply = Function.__dict__["apply"]
         original_apply = self._original_apply.__func__
 
@@ -308,7 +321,9 @@ class Recorder:
     def stop(self) -> None:
         """Remove the mode, the hooks and the engine wrapper (each by identity); safe to call twice."""
         mode, self._mode = self._mode, None
-        self._paused.clear()
+        if self._paused:  # a layer left by a BaseException, and nothing since put the mode back
+            self.untraced.setdefault("fast path left", FAST_PATH_LEFT)
+            self._paused.clear()
         try:
             if mode is not None:
                 remove_mode(mode)
@@ -361,7 +376,7 @@ class Recorder:
                 with _no_subclass():
                     node = args[0].grad_fn
                 if node is not None:
-                    self.hooked[node] = None
+                    self.hooked.add(node._sequence_nr())
             return
         grad_enabled = torch.is_grad_enabled()
         kind = type(out)
@@ -523,8 +538,9 @@ class Recorder:
             return "hooks", "backward(inputs=...)"
         if walk.sinks:
             return "hooks", "the graph has nodes that lead nowhere"
-        if walk.oldest < self.log.first_seq:
-            return "hooks", "part of the graph was built before the recording (hooks put on it then are not known)"
+        if walk.oldest < self.log.first_seq or walk.newest >= sequence_nr():  # (numbers count per thread)
+            return "hooks", ("part of the graph was built before the recording or in another thread (hooks put "
+                             "on it there are not known)")
         if self._distributed:
             return "hooks", "a distributed process group (DDP hooks on AccumulateGrad)"
         return "capture", ""
@@ -532,29 +548,21 @@ class Recorder:
     def _open_pass(self, record: bw.PassRecord, roots: list, walk: bw.Walk, strategy: str, reason: str) -> None:
         """A new pass replaces the last one from the same call site (a training loop keeps one graph)."""
         site = (record.location, record.entry)
-        if self.hooked:
-            record.hooked = [node for node in self.hooked if node in walk.seen]
         previous = self.call_sites.pop(site, None)
         if previous is not None:
-            self._drop(self.passes[previous], walk)
+            self._drop(self.passes[previous])
         self.call_sites[site] = record.index
         while len(self.call_sites) > MAX_CALL_SITES:
             oldest = next(iter(self.call_sites))
-            self._drop(self.passes[self.call_sites.pop(oldest)], walk)
+            self._drop(self.passes[self.call_sites.pop(oldest)])
         record.strategy, record.reason = strategy, reason
         record.roots = roots
         record.signature, record.node_count = walk.signature, len(walk.seen)
         self.passes.append(record)
 
-    def _drop(self, record: bw.PassRecord, walk: bw.Walk) -> None:
-        """Let ``record`` go for a new pass (``walk``): its hooked nodes too, where the new pass does
-        not walk them (a loop hooking a fresh tensor each step holds one step's nodes, not all)."""
+    def _drop(self, record: bw.PassRecord) -> None:
         self.ledger.release(record)
         record.drop()
-        for node in record.hooked:
-            if node not in walk.seen:
-                self.hooked.pop(node, None)
-        record.hooked = []
 
     def _run_own(self, function: Any, *args: Any) -> Any:
         previous = getattr(_own_call, "active", None)
@@ -572,7 +580,7 @@ class Recorder:
             edges = bw.needed_edges(roots, {edge[0] for edge in call.input_edges})
             leaf_count = 0
         keeper = bw.GradientKeeper(record, self.memory_budget, self.small_values)
-        hooked = [(node, keeper) for node in record.hooked]  # a user's hook: what flowed on
+        hooked = [(node, keeper) for node in walk.hooked(self.hooked)]  # a user's hook: what flowed on
         estimate = bw.estimate_bytes(edges)
         if estimate > 4 * self.memory_budget:
             edges, summarised = self._split_for_budget(edges)
