@@ -79,6 +79,11 @@ def _span(tensor: torch.Tensor) -> tuple[int, int]:
     return start, start + (reach + 1) * size
 
 
+def _overlaps(value: torch.Tensor, others: list[torch.Tensor]) -> bool:
+    start, end = _span(value)
+    return any(start < other_end and other_start < end for other_start, other_end in map(_span, others))
+
+
 def _equal(shown: Any, now: torch.Tensor) -> bool:
     if not isinstance(shown, torch.Tensor):
         return False
@@ -258,7 +263,7 @@ class LeafLedger:
         """Each leaf's gradient (the first ``count`` edges) into its ``.grad``, by its own
         AccumulateGrad node's rules, as the engine would have."""
         leaves = []
-        bases: dict[int, list[tuple[int, int]]] = {}  # id(base) -> byte spans of its views that became .grad
+        bases: dict[int, list[torch.Tensor]] = {}  # id(base) -> its views that became a leaf's .grad
         for i in range(count):
             grad = grads[i]
             if grad is None:
@@ -293,7 +298,7 @@ class LeafLedger:
                 record.versions[edge] = grad._version
                 base = grad._base
                 if base is not None:
-                    bases.setdefault(id(base), []).append(_span(grad))
+                    bases.setdefault(id(base), []).append(grad)
             else:
                 self.watch(leaf)
             leaves.append((leaf, edge, grad))
@@ -303,7 +308,7 @@ class LeafLedger:
 
     @staticmethod
     def _share_views(record: bw.PassRecord, edges: list, grads: tuple, count: int,
-                     bases: dict[int, list[tuple[int, int]]]) -> None:
+                     bases: dict[int, list[torch.Tensor]]) -> None:
         """A view's backward (``w.t()`` in ``linear``, ``cat``'s slices, a chain of views) hands its
         leaf a view of a gradient the pass computed: once that leaf's ``.grad`` is that memory, every
         kept gradient of the same view family (the base, and its other views) whose bytes overlap
@@ -313,11 +318,14 @@ class LeafLedger:
         for i in range(count, len(edges)):
             value = grads[i]
             if isinstance(value, torch.Tensor):
+                if id(value) in bases:  # the base itself: it holds its views' memory
+                    record.versions[edges[i]] = value._version
+                    continue
                 base = value._base
-                spans = bases.get(id(value)) or (bases.get(id(base)) if base is not None else None)
-                if spans:
-                    start, end = _span(value)
-                    if any(start < other_end and other_start < end for other_start, other_end in spans):
+                stolen = bases.get(id(base)) if base is not None else None
+                if stolen:  # another view of that base: only where the bytes overlap
+                    pointer = value.data_ptr()
+                    if any(pointer == other.data_ptr() for other in stolen) or _overlaps(value, stolen):
                         record.versions[edges[i]] = value._version
 
     def watch(self, leaf: torch.Tensor) -> None:
