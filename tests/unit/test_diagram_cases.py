@@ -349,3 +349,35 @@ def test_a_loop_that_sums_a_loss_plots_its_hidden_state_not_the_sum():
     expected = [h.grad.norm().item() for h in states][-len(history):]
     assert [norm for _, norm in history] == pytest.approx(expected, rel=1e-5)
     assert "grad norm of hidden per iteration" in t.to_dot()
+
+
+def test_the_char_rnn_tutorials_loop_plots_hidden():
+    """PyTorch's char-RNN tutorial: combined = cat(x, hidden); hidden = i2h(combined). The plot is
+    hidden's gradient per step (retain_grad's), not the cat's (which adds the input's)."""
+    class CharRNN(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.i2h, self.i2o = torch.nn.Linear(5 + 8, 8), torch.nn.Linear(5 + 8, 3)
+
+        def forward(self, x, hidden):
+            combined = torch.cat((x, hidden), 1)
+            return torch.log_softmax(self.i2o(combined), dim=1), self.i2h(combined)
+
+    torch.manual_seed(0)
+    rnn = CharRNN()
+    xs, ys = torch.randn(10, 1, 5), torch.randint(0, 3, (10, 1))
+    states = []
+    with torchmagic.trace() as t:
+        hidden = torch.zeros(1, 8)
+        loss = 0
+        for step in range(10):
+            output, hidden = rnn(xs[step], hidden)
+            hidden.retain_grad()
+            states.append(hidden)
+            loss += torch.nn.functional.nll_loss(output, ys[step])
+        loss.backward()
+    (loop,) = t.view().loops
+    ((_, history),) = loop_history(t.nodes, [loop]).items()
+    plotted = [round(norm, 5) for _, norm in history]
+    norms = [round(h.grad.norm().item(), 5) for h in states if h.grad is not None]  # (the last: unused)
+    assert any(norms[i:i + len(plotted)] == plotted for i in range(len(norms) - len(plotted) + 1)), (plotted, norms)

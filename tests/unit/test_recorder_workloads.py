@@ -1068,3 +1068,49 @@ def test_a_layer_left_by_a_keyboard_interrupt_with_nothing_after_is_noted_at_the
     finally:
         handle.remove()
     assert any("not an Exception" in note for note in t.notes)
+
+
+def test_passes_the_engine_runs_count_what_grad_sums():
+    """Reentrant checkpoint's inner passes and a pass over a leaf frozen before it: the note says
+    how many passes ``.grad`` adds up, as a captured loop would."""
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    xb = torch.randn(3, 4, requires_grad=True)
+    with torchmagic.trace() as t:
+        for step in range(3):
+            if step == 1:
+                layer.zero_grad(set_to_none=True)  # .grad now sums steps 1 and 2
+            out = checkpoint_module.checkpoint(layer, xb, use_reentrant=True)
+            out.pow(2).sum().backward()
+    assert "sum over the 2 passes" in t.node("layer.weight").leaf_grad_note
+    w = torch.ones(3, requires_grad=True)
+    with torchmagic.trace(per_node_hooks=True) as t:
+        (w * 2).sum().backward()
+        loss = (w * 3).sum()
+        w.requires_grad_(False)  # frozen: the second pass adds nothing to w.grad
+        loss.backward()
+    assert torch.equal(w.grad, torch.full((3,), 2.0)) and t.node("w").leaf_grad_note is None
+
+
+def test_clipping_a_grad_that_is_the_default_root_gradient_is_seen():
+    """A 0-dim parameter summed into the loss gets the root's ones tensor itself as .grad: clipping
+    it in the block is a change the trace saw."""
+    w = torch.ones(3, requires_grad=True)
+    s = torch.tensor(2.0, requires_grad=True)
+    with torchmagic.trace() as t:
+        loss = (w * 3).sum() + s
+        loss.backward()
+        nn.utils.clip_grad_norm_([w, s], 0.1)
+    assert "changed in place after the pass" in t.node("s").leaf_grad_note
+    assert torch.equal(t.grad("s"), torch.tensor(1.0))
+
+
+def test_a_functional_with_inplace_true_is_a_write_the_trace_sees():
+    torch.manual_seed(0)
+    x = torch.randn(4, requires_grad=True)
+    with torchmagic.trace() as t:
+        y = x * torch.randn(4)
+        (g,) = torch.autograd.grad(y.sum(), x)
+        expected = g.clone()
+        nn.functional.relu(g, inplace=True)
+    assert torch.equal(t.grad("x"), expected)

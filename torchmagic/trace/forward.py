@@ -372,8 +372,9 @@ class RecordingMode(TorchFunctionMode):
             return func(*args, **kwargs) if kwargs else func(*args)
         recorder = self.recorder
         ledger = self._ledger
-        if ledger.watched and (writes_in_place(func) or (kwargs and "out" in kwargs)):
-            # what an op writes: its first argument (t.mul_(c), torch._foreach_mul_(grads, c)), or out=
+        if ledger.watched and (writes_in_place(func) or (kwargs and ("out" in kwargs or kwargs.get("inplace")))):
+            # what an op writes: its first argument (t.mul_(c), torch._foreach_mul_(grads, c),
+            # F.relu(t, inplace=True)), or out=
             ledger.before_in_place(kwargs["out"] if kwargs and "out" in kwargs else args[0] if args else None)
         start = sequence_nr()
         out = func(*args, **kwargs) if kwargs else func(*args)

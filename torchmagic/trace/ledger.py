@@ -69,6 +69,14 @@ class NormHistory:
 READ_BACK_EVERY = 1024  # norms (0-dim tensors, maybe on a GPU) read back to floats in one go
 
 
+def requires_grad_of(leaf: torch.Tensor) -> bool:
+    """``leaf.requires_grad``, not through a subclass's ``__torch_function__``."""
+    if type(leaf) in bw._PLAIN:
+        return leaf.requires_grad
+    with _no_subclass():
+        return leaf.requires_grad
+
+
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     """The bytes of its storage a strided tensor can touch: [start, end)."""
     size = tensor.element_size()
@@ -104,7 +112,7 @@ class LeafLedger:
         self.history: dict[int, tuple[weakref.ref, NormHistory]] = {}  # id(leaf) -> (leaf, its norms)
         self.final: dict[int, tuple[Any, int | None, str | None]] = {}  # id(leaf) -> (summary, version, note)
         self.shared: set[int] = set()  # data pointers of leaves' .grad that are also a kept gradient
-        self.held: set[int] = set()  # data pointers of kept gradients the code holds too (autograd.grad's results)
+        self.held: dict[int, weakref.ref] = {}  # address -> a kept gradient the code holds too (autograd.grad's)
         self.watched: dict[int, weakref.ref] = {}  # data pointer of a leaf's .grad -> the leaf, for in-place writes
         self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
         self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
@@ -131,7 +139,7 @@ class LeafLedger:
                 grad = record.gradient(edge)
                 if isinstance(grad, torch.Tensor):
                     self.shared.discard(grad.data_ptr())
-                    self.held.discard(grad.data_ptr())
+                    self.held.pop(grad.data_ptr(), None)
 
     # -- in-place writes to gradients we keep ----------------------------------------------
     def before_in_place(self, written: Any) -> None:
@@ -171,7 +179,7 @@ class LeafLedger:
             ref = self.watched.get(pointer)
         if ref is None:
             return
-        if pointer in self.held:  # a gradient the code was handed: the trace keeps a copy of it
+        if self.held.get(pointer) is ref:  # a gradient the code was handed (no leaf's .grad): keep a copy
             hit.add(pointer)
             return
         leaf = ref()
@@ -205,7 +213,8 @@ class LeafLedger:
                     except Exception:
                         continue
         self.shared -= pointers
-        self.held -= pointers
+        for pointer in pointers:
+            self.held.pop(pointer, None)
 
     def hold(self, record: bw.PassRecord, edges: Sequence[bw.Edge], tensors: Sequence[Any] | None) -> None:
         """The pass handed ``tensors`` to the code (``autograd.grad``'s results) or took them from it
@@ -226,8 +235,10 @@ class LeafLedger:
                 continue
             record.versions.setdefault(edge, tensor._version)
             self.shared.add(pointer)
-            self.held.add(pointer)
-            self.watched.setdefault(pointer, weakref.ref(tensor))
+            ref = self.held[pointer] = weakref.ref(tensor)
+            self.watched.setdefault(pointer, ref)  # (a leaf's .grad already there stays: it is both)
+        if len(self.watched) >= self._prune_at:
+            self._prune()
 
     def before_engine_accumulates(self, leaf_edges: list) -> set[int]:
         """A pass run by the engine itself (hooked node by node) is about to add into these leaves'
@@ -249,8 +260,11 @@ class LeafLedger:
         return had
 
     def engine_accumulated(self, leaves: list, had: set[int]) -> None:
-        """The engine added these leaves' gradients into ``.grad``: count the passes each ``.grad`` sums."""
+        """The engine added these leaves' gradients into ``.grad``: count the passes each ``.grad`` sums
+        (a leaf frozen before the pass got nothing: AccumulateGrad drops the gradient)."""
         for leaf, _, _ in leaves:
+            if not requires_grad_of(leaf):
+                continue
             key = id(leaf)
             if key in had:
                 self.summed[key] = self.summed.get(key, 1) + 1
@@ -271,12 +285,7 @@ class LeafLedger:
             edge = edges[i]
             node = edge[0]
             leaf = node.variable
-            if type(leaf) in bw._PLAIN:
-                frozen = not leaf.requires_grad
-            else:
-                with _no_subclass():
-                    frozen = not leaf.requires_grad
-            if frozen:  # requires_grad_(False) after the forward: AccumulateGrad drops the gradient
+            if not requires_grad_of(leaf):  # requires_grad_(False) after the forward: AccumulateGrad drops it
                 continue
             old = leaf.grad if type(leaf) in bw._PLAIN else _grad_of(leaf)
             if old is not None and self.shared:
@@ -359,6 +368,8 @@ class LeafLedger:
             del self.history[key]
         for pointer in [p for p, ref in self.watched.items() if p not in self.shared and ref() is None]:
             del self.watched[pointer]
+        for pointer in [p for p, ref in self.held.items() if p not in self.shared]:
+            del self.held[pointer]
         self._prune_at = max(1024, 2 * max(len(self.history), len(self.watched)))
 
     def norms(self, record: bw.PassRecord) -> None:

@@ -137,7 +137,9 @@ def _state(nodes: Sequence[TraceNode], consumers: list[list[int]], loop: Loop, c
     unit_of = {i: k for k, unit in enumerate(loop.units) for i in unit}
 
     def score(chain: list[int]) -> tuple[int, int]:
-        used = sum(any(unit_of.get(c) == k + 1 and c != chain[k + 1] for c in consumers[chain[k]])
+        # used by the loop for more than the next link (an accumulator feeds only its next sum);
+        # then named by the user (hidden, rather than the cat it is concatenated into)
+        used = sum(any(c in unit_of and c != chain[k + 1] for c in consumers[chain[k]])
                    for k in range(len(chain) - 1))
         return used, sum(nodes[i].name is not None for i in chain)
 

@@ -40,7 +40,7 @@ from .forward import (
     tensor_class,
     user_location,
 )
-from .ledger import LeafLedger
+from .ledger import LeafLedger, requires_grad_of
 from .stats import NormOnly
 
 _live_recorders: weakref.WeakSet = weakref.WeakSet()
@@ -659,7 +659,7 @@ class Recorder:
         had = self.ledger.before_engine_accumulates(walk.leaf_edges) if call.accumulate_grad else set()
         result = self._run_own(bw.run_hooked, call, self._original_engine, record, list(walk.seen), keeper)
         leaves = [(edge[0].variable, edge, value) for edge, value in record.items()
-                  if type(edge[0]) is bw.ACCUMULATE_GRAD]
+                  if type(edge[0]) is bw.ACCUMULATE_GRAD and requires_grad_of(edge[0].variable)]  # (frozen: dropped)
         for leaf, _, _ in leaves:
             self.ledger.watch(leaf)
         if call.accumulate_grad:
@@ -687,10 +687,11 @@ class Recorder:
         inner.roots, inner.nexts, inner.node_count = roots, walk.seen, len(walk.seen)
         running.inner.append(inner)
         keeper = bw.GradientKeeper(inner, self.memory_budget, self.small_values)
-        if call.accumulate_grad:
-            self.ledger.before_engine_accumulates(walk.leaf_edges)
+        had = self.ledger.before_engine_accumulates(walk.leaf_edges) if call.accumulate_grad else set()
         result = self._run_own(bw.run_hooked, call, self._original_engine, inner, list(walk.seen), keeper)
         leaves = [(edge[0].variable, edge, value) for edge, value in inner.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD]
+        if call.accumulate_grad:
+            self.ledger.engine_accumulated(leaves, had)
         self.ledger.note(running, leaves)
         return result
