@@ -208,10 +208,17 @@ def _convert_list(value: list, name: str, options: ConversionOptions) -> Convers
     leaf, why_not = _first_leaf(value)
     tensor = torch_error = None
     if why_not is None and _is_number(leaf):
-        try:
-            tensor = torch.tensor(value, dtype=options.dtype, device=_device(options))
+        try:  # on the CPU first: the checks below read values (a meta tensor has none)
+            tensor = torch.tensor(value, dtype=options.dtype)
         except (TypeError, ValueError, RuntimeError, OverflowError) as error:
             torch_error = error
+    if tensor is not None and options.dtype is not None and _integer(options.dtype):
+        try:  # torch.tensor wraps -1 into uint8's 255: refused, as for an ndarray
+            refusal = _out_of_range(torch.tensor(value).numpy(), options.dtype)
+        except (TypeError, ValueError, RuntimeError, OverflowError):
+            refusal = None
+        if refusal is not None:
+            return Conversion(name, "list", tuple(tensor.shape), None, note=refusal)
     if tensor is None:
         shape = None
         if why_not is None:
@@ -224,8 +231,15 @@ def _convert_list(value: list, name: str, options: ConversionOptions) -> Convers
                           note=f"values beyond {_dtype_str(tensor.dtype)}'s range would become inf "
                                f"(--dtype {'float64' if tensor.dtype == torch.float32 else 'complex128'} keeps them)")
     shape = tuple(tensor.shape)
+    device = _device(options)
+    if tensor.device != device:
+        tensor = tensor.to(device)
     tensor, note = _finish(tensor, options)
     return Conversion(name, "list", shape, None, tensor=tensor, note=note)
+
+
+def _integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
 def _overflowed(tensor: torch.Tensor, value: list) -> bool:

@@ -82,7 +82,7 @@ def set_default_device(device: torch.device | str | None) -> torch.device | None
     The CPU is set as ``None``: torch then needs no mode on its stack (and adds no per-call cost).
     """
     previous = global_default()
-    if device is not None and torch.device(device) == torch.device("cpu"):
+    if device is not None and torch.device(device).type == "cpu":  # (cpu:0 is the CPU too)
         device = None
     torch.set_default_device(device)
     return previous

@@ -124,6 +124,10 @@ def move_namespace(namespace: MutableMapping[str, Any], device: torch.device | s
                     except Exception as error:
                         failure = f"{name}: {reason(error)}"
                         raise
+        for name, value in values:  # tensors inside containers are the user's to move: say so
+            if type(value) in (list, tuple, dict) and _holds_tensor(value):
+                plan.report.skipped.append((name, f"a {type(value).__name__} holding tensors: --move moves names "
+                                                  "bound to tensors, modules and optimizers (move its items yourself)"))
         plan.commit()
         return plan.report
     except Exception as error:
@@ -132,6 +136,17 @@ def move_namespace(namespace: MutableMapping[str, Any], device: torch.device | s
     # must not keep alive the tensors allocated for the move (on a GPU, that is its memory).
     values = plan = None
     raise MoveError(failure)
+
+
+def _holds_tensor(value: Any, depth: int = 2) -> bool:
+    """Whether a list, tuple or dict holds a tensor, looking two levels down and at most 1,000 items."""
+    items = list(value.values() if type(value) is dict else value)[:1000]
+    for item in items:
+        if issubclass(type(item), torch.Tensor):
+            return True
+        if depth > 1 and type(item) in (list, tuple, dict) and _holds_tensor(item, depth - 1):
+            return True
+    return False
 
 
 def _plan_module(plan: _Plan, name: str, module: torch.nn.Module) -> None:
@@ -243,6 +258,7 @@ def _plan_optimizer(plan: _Plan, name: str, optimizer: torch.optim.Optimizer) ->
     """
     nbytes = 0
     stranded = 0
+    sources: set[str] = set()
     for group in optimizer.param_groups:
         params = group["params"]
         for index, param in enumerate(params):
@@ -258,10 +274,12 @@ def _plan_optimizer(plan: _Plan, name: str, optimizer: torch.optim.Optimizer) ->
                              and value.device != plan.device else value for key, value in state.items()}
                 nbytes += sum(_nbytes(value) for key, value in new_state.items()
                               if isinstance(value, torch.Tensor) and value is not state[key])
+                sources.update(str(value.device) for key, value in state.items()
+                               if isinstance(value, torch.Tensor) and value is not new_state[key])
             new = new_param if new_param is not None else param
             plan.swaps.append(_optimizer_swap(optimizer, params, index, param, new, state, new_state))
     if nbytes:
-        plan.report.moved.append(Moved(name, "optimizer state", nbytes, "", str(plan.device)))
+        plan.report.moved.append(Moved(name, "optimizer state", nbytes, ", ".join(sorted(sources)), str(plan.device)))
     if stranded:
         plan.report.skipped.append((name, f"{stranded} parameter(s) not bound in the namespace stay where they "
                                           "are: the optimizer now spans two devices"))

@@ -165,3 +165,14 @@ def test_a_failing_binder_never_breaks_the_users_cell(shell, capsys, monkeypatch
     assert "torchmagic: could not convert 'a' (RuntimeError: binder bug); left as it was" in capsys.readouterr().err
     monkeypatch.undo()
     shell.run("%tensor off")
+
+
+@pytest.mark.parametrize("setting", ["layout_timeout = float('nan')", "live_interval = float('inf')",
+                                     "max_nodes = True"])
+def test_config_refuses_what_is_not_a_number(shell, capsys, setting):
+    name = setting.split(" =")[0]
+    before = getattr(shell.session.options, name)
+    shell.run(f"%config TorchMagic.{setting}")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not applied" in err
+    assert getattr(shell.session.options, name) == before

@@ -65,6 +65,8 @@ def test_functions_defined_in_the_cell_are_left_alone(shell):
     ("%tensor --device gpu [1]", "unknown device 'gpu'"),
     ("%tensor (1, 2)", "left tuple alone"),
     ("%tensor", "needs an expression"),
+    ("%tensor --dtype uint8 [-1, -129]", "do not fit uint8"),  # torch.tensor would wrap them to 255, 127
+    ("%tensor [1.0, 2.0] --requires-grad", "options go before the expression"),
 ])
 def test_tensor_bad_input(shell, capsys, line, message):
     shell.run(line, expect_error=UsageError)
@@ -127,3 +129,28 @@ def test_unload_restores_the_default_device(shell):
     shell.run("%unload_ext torchmagic")
     assert torch.get_default_device().type == "cpu"
     shell.run("%load_ext torchmagic")
+
+
+def test_a_float_list_goes_to_meta(shell):
+    shell.run("m = %tensor --device meta [1.0, 2.0]")
+    assert shell.ns["m"].is_meta and shell.ns["m"].shape == (2,)
+
+
+def test_cpu_0_is_the_cpu_and_puts_no_mode_on_the_stack(shell):
+    shell.run("%device cpu:0")
+    assert torch.get_default_device() == torch.device("cpu")
+    assert torch._C._len_torch_function_stack() == 0
+
+
+def test_move_says_what_it_left_in_containers_and_where_optimizer_state_came_from(shell):
+    shell.run("import torch\nt = torch.ones(2)\nbatch = [torch.ones(2), {'y': torch.zeros(1)}]\n"
+              "w = torch.nn.Parameter(torch.ones(4))\nopt = torch.optim.Adam([w])\n"
+              "w.grad = torch.ones(4)\nopt.step()")
+    try:
+        shell.run("%device meta --move")
+        report = shell.displayed()[-1]
+        assert "batch" in report and "a list holding tensors" in report
+        assert shell.ns["batch"][0].device.type == "cpu"  # left alone, and said so
+        assert "optimizer state" in report and "cpu -> meta" in report.split("optimizer state")[1].splitlines()[0]
+    finally:
+        shell.run("%device cpu")

@@ -220,6 +220,10 @@ def test_depth_expand_and_fold_options(shell):
     (text,) = shell.displayed()
     assert "repeated" not in text and "blocks.2.0.weight" in text
 
+    shell.run("%autograd_trace show --text")  # a plain show draws the default view again
+    (text,) = shell.displayed()
+    assert "repeated Sequential blocks drawn once" in text
+
 
 @pytest.mark.parametrize("line, message", [
     ("%autograd_trace show --expand nowhere", "--expand: no module 'nowhere' in the last trace"),
@@ -265,3 +269,32 @@ def test_a_view_named_in_the_cell_keeps_its_name_through_an_optimizer_step(shell
     trace = torchmagic.last_trace()
     assert torch.equal(trace.grad("wt"), shell.ns["wt"].grad)
     assert trace.missing == []
+
+
+def test_save_into_a_missing_folder_is_refused_before_the_cell_runs(shell, capsys, tmp_path):
+    shell.run("import torch\nw = torch.ones(3, requires_grad=True)\ncounter = 0")
+    missing = tmp_path / "nowhere" / "trace.svg"
+    shell.run(f"%%autograd_trace --save {missing}\ncounter += 1\n(w * 2).sum().backward()", expect_error=UsageError)
+    assert "--save: no folder" in capsys.readouterr().err
+    assert shell.ns["counter"] == 0 and shell.ns["w"].grad is None
+
+
+def test_a_backward_that_raises_part_way_says_so_for_the_leaves_it_did_not_reach(shell):
+    shell.run("import torch\n"
+              "class Boom(torch.autograd.Function):\n"
+              "    @staticmethod\n    def forward(ctx, x):\n        return x * 2\n"
+              "    @staticmethod\n    def backward(ctx, g):\n        raise ValueError('boom in backward')\n")
+    shell.run("%%autograd_trace --text\nx = torch.ones(2, requires_grad=True)\na = Boom.apply(x)\n"
+              "out = (a * 3).sum()\nout.backward()", expect_error=ValueError)
+    reason = torchmagic.last_trace().node("x").missing_reason
+    assert reason.startswith("backward pass 1 raised before it reached it") and "boom in backward" in reason
+
+
+def test_one_pass_on_the_meta_device_says_nothing_of_grad(shell):
+    shell.run("import torch")
+    shell.run("%device meta")
+    try:
+        shell.run("%%autograd_trace --text\nx = torch.ones(2, requires_grad=True)\n(x * 3).sum().backward()")
+    finally:
+        shell.run("%device cpu")
+    assert torchmagic.last_trace().node("x").leaf_grad_note is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 from typing import Any
 
@@ -10,6 +11,27 @@ from traitlets.config import Config, Configurable
 
 from .. import device as devices
 from ..errors import DeviceError
+
+
+class FiniteFloat(Float):
+    """A float that is a number (NaN compares false with any bound, so ``min`` lets it through)."""
+
+    def validate(self, obj: Any, value: Any) -> float:
+        if isinstance(value, bool):
+            raise TraitError("expected a number, not bool")
+        value = super().validate(obj, value)
+        if not math.isfinite(value):
+            raise TraitError(f"must be a finite number, not {value!r}")
+        return value
+
+
+class Count(Int):
+    """An int that is not a bool (``True`` passes traitlets' Int as 1)."""
+
+    def validate(self, obj: Any, value: Any) -> int:
+        if isinstance(value, bool):
+            raise TraitError("expected a number, not bool")
+        return super().validate(obj, value)
 
 
 class DeviceSpec(Unicode):
@@ -36,27 +58,27 @@ class TorchMagic(Configurable):
     in one line and uses the default instead of failing.
     """
 
-    layout_timeout = Float(
+    layout_timeout = FiniteFloat(
         10.0, min=0.0,
         help="Seconds any diagram's layout may take; it then stops and the text view is shown with the reason.",
     ).tag(config=True)
-    max_rows = Int(
+    max_rows = Count(
         50, min=1, help="Rows the text view, the gradient table and the per-pass plots list at most (NaN/Inf, "
                         "outputs, named tensors and the largest gradients first; every tensor stays in t.nodes).",
     ).tag(config=True)
-    max_nodes = Int(500, min=1, help="Diagrams draw at most this many tensors; the rest are summarised.").tag(config=True)
-    small_values = Int(
+    max_nodes = Count(500, min=1, help="Diagrams draw at most this many tensors; the rest are summarised.").tag(config=True)
+    small_values = Count(
         16, min=0, help="Gradients with at most this many elements are shown as values, larger ones as statistics."
     ).tag(config=True)
-    memory_budget = Int(
+    memory_budget = Count(
         256 * 2**20, min=0,
         help="Bytes of gradient tensors a trace keeps whole (those nearest the output first; a leaf's gradient, "
              "which is its .grad, costs nothing); past it, a gradient's norm alone. Only the newest trace keeps them.",
     ).tag(config=True)
-    history_size = Int(
+    history_size = Count(
         3, min=1, help="How many past traces are kept (torchmagic.last_trace(), %autograd_trace show)."
     ).tag(config=True)
-    live_interval = Float(
+    live_interval = FiniteFloat(
         0.25, min=0.02, help="Seconds between refreshes of a --live view (it refreshes after a backward pass, "
                              "never more often than this).",
     ).tag(config=True)
@@ -89,9 +111,11 @@ class TorchMagic(Configurable):
 def _reason(trait: Any, value: Any, error: TraitError) -> str:
     """traitlets' messages name the class and the instance; say what the value must be instead."""
     low = getattr(trait, "min", None)
+    if isinstance(trait, Int) and isinstance(value, float) and not isinstance(trait, Float):
+        return f"expected a whole number, not {value!r}"
     if low is not None and isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
         return "must not be negative" if low == 0 else f"must be at least {low}"
-    if isinstance(trait, (Int, Float)) and not isinstance(value, (int, float)):
+    if isinstance(trait, (Int, Float)) and (not isinstance(value, (int, float)) or isinstance(value, bool)):
         return f"expected a number, not {type(value).__name__}"
     text = str(error).strip()
     return text.splitlines()[0].rstrip(".") if text else type(error).__name__

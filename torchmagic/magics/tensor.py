@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -16,6 +17,8 @@ from ..errors import TorchMagicError
 from .session import PendingDisplay, Session, SessionMagics
 
 _TAKES_VALUE = ("--dtype", "--device")
+# an option written after the expression (`%tensor [1.0] --requires-grad`) would be evaluated as Python
+_TRAILING_OPTION = re.compile(r"\s--(?:(?:dtype|device)\s+\S+|requires-grad|copy|quiet)\s*$")
 
 
 def split_leading_options(line: str) -> tuple[str, str]:
@@ -137,6 +140,9 @@ class TensorMagics(SessionMagics):
 
     def _convert_expression(self, expression: str, options: ConversionOptions) -> tuple[Any, str | None]:
         """(the tensor, None) or (None, why not): the expression is evaluated in the user's namespace."""
+        if _TRAILING_OPTION.search(expression):
+            return None, (f"%tensor: options go before the expression (%tensor --dtype float64 [1, 2]), "
+                          f"not in {expression!r}")
         try:
             value = eval(expression, self.shell.user_global_ns, self.shell.user_ns)
         except SyntaxError as error:

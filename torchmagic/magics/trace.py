@@ -148,7 +148,8 @@ class TraceMagics(SessionMagics):
     @no_var_expand
     @magic_arguments()
     @argument("action", nargs="?", choices=["on", "off", "status", "show"],
-              help="Line magic only: trace every following cell (on) until off; status; show the last trace again.")
+              help="Line magic only: trace every following cell (on) until off; status; show the last trace "
+                   "again, with this line's view options (the defaults where not given).")
     @argument("--max-nodes", type=int, default=None, help="Draw at most N tensors (default: TorchMagic.max_nodes).")
     @argument("--save", metavar="PATH", default=None,
               help="Also write the trace to PATH: .svg, .dot/.gv or .txt (quote a path with spaces).")
@@ -235,6 +236,12 @@ class TraceMagics(SessionMagics):
         save = unquote(args.save) if args.save is not None else None
         if save is not None and os.path.splitext(save)[1].lower() not in SAVE_FORMATS:
             raise UsageError(f"--save: cannot write {save!r}; use a file ending in {', '.join(SAVE_FORMATS)}")
+        if save is not None:  # checked before the cell runs: a cell is not run for a trace that cannot be saved
+            folder = os.path.dirname(os.path.abspath(os.path.expanduser(save)))
+            if not os.path.isdir(folder):
+                raise UsageError(f"--save: no folder {folder!r} to write {os.path.basename(save)!r} in")
+            if os.path.isdir(os.path.expanduser(save)) or not os.access(folder, os.W_OK):
+                raise UsageError(f"--save: cannot write {save!r} (a folder, or no permission to write there)")
         return TraceView(max_nodes=args.max_nodes, save=save, text=args.text, depth=args.depth,
                          expand=tuple(unquote(path) for path in args.expand), fold=not args.no_fold,
                          live=args.live, stop_on_nan=args.stop_on_nan, per_node_hooks=args.per_node_hooks)
@@ -268,10 +275,10 @@ class TraceMagics(SessionMagics):
         if unknown:
             known = ", ".join(list(trace.modules)[:8]) or "none"
             raise UsageError(f"--expand: no module {unknown[0]!r} in the last trace (modules: {known})")
-        # show draws the last trace again, with this line's view options where given
-        if view.depth is not None or view.expand or not view.fold or view.max_nodes:
-            trace.set_view(depth=view.depth, expand=view.expand, fold=view.fold,
-                           max_nodes=view.max_nodes or trace.max_nodes)
+        # show draws the last trace again with this line's view options, the defaults where not given
+        # (so `show --no-fold`, then `show`, folds again)
+        trace.set_view(depth=view.depth, expand=view.expand, fold=view.fold,
+                       max_nodes=view.max_nodes or self.session.options.max_nodes)
         if view.save:
             self._save(trace, view.save)
         self.session.show(trace, text_only=view.text)

@@ -393,8 +393,12 @@ class Builder:
             trace_node.leaf_grad_note = note
         if trace_node.grad_pass is None and trace_node.missing_reason is None:
             history = self.recorder.ledger.history.get(id(variable))
+            failed = next((p for p in self.kept if p.failed), None)
             if history:
                 trace_node.missing_reason = self._earlier_pass(history[1][-1][0])
+            elif failed is not None:  # drawn in the graph, so the pass that raised is why
+                trace_node.missing_reason = (f"backward pass {failed.index + 1} raised before it reached it "
+                                             f"({failed.failed[:120]})")
             else:
                 trace_node.missing_reason = NOT_REACHABLE if has_passes else NOT_CALLED
 

@@ -77,6 +77,14 @@ def requires_grad_of(leaf: torch.Tensor) -> bool:
         return leaf.requires_grad
 
 
+def _is_meta(tensor: Any) -> bool:
+    try:
+        with _no_subclass():
+            return bool(tensor.is_meta)
+    except Exception:
+        return False
+
+
 def _span(tensor: torch.Tensor) -> tuple[int, int]:
     """The bytes of its storage a strided tensor can touch: [start, end)."""
     size = tensor.element_size()
@@ -454,6 +462,8 @@ class LeafLedger:
                 continue  # .grad is the very tensor the last pass gave, unchanged
             if _equal(shown, now):
                 continue  # .grad holds what the last pass gave (zeroed, then accumulated once)
+            if _is_meta(now) and self.summed.get(key, len(passes)) <= 1 and key not in self.changed_in_place:
+                continue  # no values to compare, and nothing seen that would make it differ
             note = self._note(self.summed.get(key, len(passes)), key in self.changed_in_place)
             try:
                 summary = PendingSummary(now, self.small_values)
