@@ -207,18 +207,19 @@ def _convert_list(value: list, name: str, options: ConversionOptions) -> Convers
     # torch.tensor checks shape and types in C; the Python walk only runs to explain a refusal
     leaf, why_not = _first_leaf(value)
     tensor = torch_error = None
+    integer = options.dtype is not None and _integer(options.dtype)
     if why_not is None and _is_number(leaf):
-        try:  # on the CPU first: the checks below read values (a meta tensor has none)
-            tensor = torch.tensor(value, dtype=options.dtype)
+        try:  # on the CPU first, whatever the default device: the checks below read values
+            # (an integer --dtype: built as torch infers it, checked, then cast; torch.tensor would
+            # wrap -1 into uint8's 255)
+            tensor = torch.tensor(value, dtype=None if integer else options.dtype, device="cpu")
         except (TypeError, ValueError, RuntimeError, OverflowError) as error:
             torch_error = error
-    if tensor is not None and options.dtype is not None and _integer(options.dtype):
-        try:  # torch.tensor wraps -1 into uint8's 255: refused, as for an ndarray
-            refusal = _out_of_range(torch.tensor(value).numpy(), options.dtype)
-        except (TypeError, ValueError, RuntimeError, OverflowError):
-            refusal = None
+    if tensor is not None and integer:
+        refusal = _out_of_range(tensor.numpy(), options.dtype)
         if refusal is not None:
             return Conversion(name, "list", tuple(tensor.shape), None, note=refusal)
+        tensor = tensor.to(options.dtype)
     if tensor is None:
         shape = None
         if why_not is None:
@@ -246,7 +247,7 @@ def _overflowed(tensor: torch.Tensor, value: list) -> bool:
     """Python floats are 64-bit: one past float32's range becomes inf (checked only when an inf shows up)."""
     if not torch.isinf(tensor).any():
         return False
-    wide = torch.tensor(value, dtype=torch.float64 if tensor.dtype == torch.float32 else torch.complex128)
+    wide = torch.tensor(value, dtype=torch.float64 if tensor.dtype == torch.float32 else torch.complex128, device="cpu")
     return not torch.equal(torch.isinf(wide), torch.isinf(tensor))
 
 

@@ -65,8 +65,10 @@ def parse_device(spec: str) -> torch.device:
         return torch.device("cuda", index)
     if device.type == "mps" and not _mps_available():
         raise DeviceError(f"MPS is not available on this machine (available here: {available})")
-    if device.type == "cpu" and device.index not in (None, 0):
-        raise DeviceError(f"there is no {spec!r} (available here: {available})")
+    if device.type == "cpu":
+        if device.index not in (None, 0):
+            raise DeviceError(f"there is no {spec!r} (available here: {available})")
+        return torch.device("cpu")  # (cpu:0 is the CPU: torch compares them unequal)
     return device
 
 

@@ -125,7 +125,7 @@ def move_namespace(namespace: MutableMapping[str, Any], device: torch.device | s
                         failure = f"{name}: {reason(error)}"
                         raise
         for name, value in values:  # tensors inside containers are the user's to move: say so
-            if type(value) in (list, tuple, dict) and _holds_tensor(value):
+            if type(value) in (list, tuple, dict) and _holds_tensor(value, plan):
                 plan.report.skipped.append((name, f"a {type(value).__name__} holding tensors: --move moves names "
                                                   "bound to tensors, modules and optimizers (move its items yourself)"))
         plan.commit()
@@ -138,13 +138,16 @@ def move_namespace(namespace: MutableMapping[str, Any], device: torch.device | s
     raise MoveError(failure)
 
 
-def _holds_tensor(value: Any, depth: int = 2) -> bool:
-    """Whether a list, tuple or dict holds a tensor, looking two levels down and at most 1,000 items."""
+def _holds_tensor(value: Any, plan: _Plan, depth: int = 2) -> bool:
+    """Whether a list, tuple or dict holds a tensor this move leaves where it is (not a module's, not
+    one moved by its name, not on the target already), looking two levels down, 1,000 items at most."""
     items = list(value.values() if type(value) is dict else value)[:1000]
     for item in items:
         if issubclass(type(item), torch.Tensor):
-            return True
-        if depth > 1 and type(item) in (list, tuple, dict) and _holds_tensor(item, depth - 1):
+            if (item.device != plan.device and id(item) not in plan.module_tensors and id(item) not in plan.in_place
+                    and id(item) not in plan.replaced):
+                return True
+        elif depth > 1 and type(item) in (list, tuple, dict) and _holds_tensor(item, plan, depth - 1):
             return True
     return False
 

@@ -176,3 +176,10 @@ def test_config_refuses_what_is_not_a_number(shell, capsys, setting):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not applied" in err
     assert getattr(shell.session.options, name) == before
+
+
+def test_config_refuses_a_number_too_large_for_a_float(shell, capsys):
+    shell.run("%config TorchMagic.layout_timeout = 10**400")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not applied: too large a number" in err
+    assert shell.session.options.layout_timeout == 10.0

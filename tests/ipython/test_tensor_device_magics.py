@@ -154,3 +154,31 @@ def test_move_says_what_it_left_in_containers_and_where_optimizer_state_came_fro
         assert "optimizer state" in report and "cpu -> meta" in report.split("optimizer state")[1].splitlines()[0]
     finally:
         shell.run("%device cpu")
+
+
+def test_a_list_is_a_cpu_tensor_whatever_the_default_device(shell):
+    shell.run("%device meta")
+    try:
+        shell.run("a = %tensor [1, 2]\nb = %tensor --dtype uint8 [1, 2]")
+    finally:
+        shell.run("%device cpu")
+    assert shell.ns["a"].device.type == "cpu" and shell.ns["b"].dtype == torch.uint8
+
+
+def test_an_expression_that_is_python_is_not_taken_for_a_misplaced_option(shell):
+    shell.run("import numpy as np\nx = np.ones(3)\ncopy = np.full(3, 2.0)\nt = %tensor x --copy")
+    assert shell.ns["t"].tolist() == [3.0, 3.0, 3.0]  # x - (-copy)
+
+
+def test_move_says_nothing_of_containers_whose_tensors_moved_or_stay_put(shell):
+    shell.run("import torch\nmodel = torch.nn.Linear(2, 2)\nparams = list(model.parameters())\n"
+              "xs = [torch.ones(2)]")
+    shell.run("%device cpu:0 --move")
+    report = shell.displayed()[-1]
+    assert "nothing moved" in report and "xs" not in report
+    try:
+        shell.run("%device meta --move")
+        report = shell.displayed()[-1]
+        assert "params" not in report and "xs" in report
+    finally:
+        shell.run("%device cpu")

@@ -298,3 +298,10 @@ def test_one_pass_on_the_meta_device_says_nothing_of_grad(shell):
     finally:
         shell.run("%device cpu")
     assert torchmagic.last_trace().node("x").leaf_grad_note is None
+
+
+def test_save_expands_the_home_folder(shell, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shell.run("import torch\nw = torch.ones(3, requires_grad=True)")
+    shell.run("%%autograd_trace --text --save ~/trace.txt\n(w * 2).sum().backward()")
+    assert (tmp_path / "trace.txt").read_text().startswith("autograd trace")

@@ -1114,3 +1114,34 @@ def test_a_functional_with_inplace_true_is_a_write_the_trace_sees():
         expected = g.clone()
         nn.functional.relu(g, inplace=True)
     assert torch.equal(t.grad("x"), expected)
+
+
+def test_a_parameter_inside_and_outside_a_reentrant_checkpoint_counts_each_pass_once():
+    for per_node in (False, True):
+        torch.manual_seed(0)
+        layer = nn.Linear(4, 4)
+        xb = torch.randn(3, 4, requires_grad=True)
+        with torchmagic.trace(per_node_hooks=per_node) as t:
+            for _ in range(2):
+                out = checkpoint_module.checkpoint(layer, xb, use_reentrant=True)
+                loss = out.pow(2).sum() + layer.weight.sum()  # the weight: inside and outside the block
+                loss.backward()
+        assert "sum over the 2 passes" in t.node("layer.weight").leaf_grad_note
+
+
+def test_a_pass_that_raised_is_blamed_only_for_leaves_in_its_graph():
+    x = torch.ones(2, requires_grad=True)
+    u = torch.ones(2, requires_grad=True)
+
+    def fail(grad):
+        raise ValueError("hook failed")
+
+    with torchmagic.trace() as t:
+        a = (x * 2).sum()
+        b = (u * 3).sum()  # never backwarded
+        a.register_hook(fail)
+        with pytest.raises(ValueError):
+            a.backward()
+    assert t.node("x").missing_reason.startswith("backward pass 1 raised before it reached it")
+    assert t.node("u").missing_reason == "not reachable from the output"
+    assert b.requires_grad

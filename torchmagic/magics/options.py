@@ -19,7 +19,10 @@ class FiniteFloat(Float):
     def validate(self, obj: Any, value: Any) -> float:
         if isinstance(value, bool):
             raise TraitError("expected a number, not bool")
-        value = super().validate(obj, value)
+        try:
+            value = super().validate(obj, value)
+        except OverflowError:
+            raise TraitError("too large a number") from None
         if not math.isfinite(value):
             raise TraitError(f"must be a finite number, not {value!r}")
         return value

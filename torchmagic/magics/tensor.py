@@ -140,17 +140,17 @@ class TensorMagics(SessionMagics):
 
     def _convert_expression(self, expression: str, options: ConversionOptions) -> tuple[Any, str | None]:
         """(the tensor, None) or (None, why not): the expression is evaluated in the user's namespace."""
-        if _TRAILING_OPTION.search(expression):
-            return None, (f"%tensor: options go before the expression (%tensor --dtype float64 [1, 2]), "
-                          f"not in {expression!r}")
+        misplaced = (f"%tensor: options go before the expression (%tensor --dtype float64 [1, 2]), "
+                     f"not in {expression!r}")
         try:
             value = eval(expression, self.shell.user_global_ns, self.shell.user_ns)
         except SyntaxError as error:
             if " --" in f" {expression}":
-                return None, (f"%tensor: options go before the expression (%tensor --dtype float64 [1, 2]), "
-                              f"not in {expression!r}")
+                return None, misplaced
             return None, f"%tensor: not a Python expression: {error.msg}"
         except Exception as error:
+            if _TRAILING_OPTION.search(expression):  # (x --copy with a variable named copy is Python, and works)
+                return None, misplaced
             text = str(error).strip().splitlines()[0] if str(error).strip() else ""
             return None, f"%tensor: evaluating {expression!r} raised {type(error).__name__}: {text}"
         conversion = convert(value, "<expression>", options)

@@ -233,15 +233,17 @@ class TraceMagics(SessionMagics):
             raise UsageError("--max-nodes must be at least 1")
         if args.depth is not None and args.depth < 0:
             raise UsageError("--depth must be 0 or more")
-        save = unquote(args.save) if args.save is not None else None
+        save = os.path.expanduser(unquote(args.save)) if args.save is not None else None
         if save is not None and os.path.splitext(save)[1].lower() not in SAVE_FORMATS:
             raise UsageError(f"--save: cannot write {save!r}; use a file ending in {', '.join(SAVE_FORMATS)}")
         if save is not None:  # checked before the cell runs: a cell is not run for a trace that cannot be saved
-            folder = os.path.dirname(os.path.abspath(os.path.expanduser(save)))
+            save = os.path.abspath(save)  # (the cell may change the working directory)
+            folder = os.path.dirname(save)
             if not os.path.isdir(folder):
                 raise UsageError(f"--save: no folder {folder!r} to write {os.path.basename(save)!r} in")
-            if os.path.isdir(os.path.expanduser(save)) or not os.access(folder, os.W_OK):
-                raise UsageError(f"--save: cannot write {save!r} (a folder, or no permission to write there)")
+            if (os.path.isdir(save) or not os.access(folder, os.W_OK)
+                    or (os.path.exists(save) and not os.access(save, os.W_OK))):
+                raise UsageError(f"--save: cannot write {save!r} (a folder, or no permission to write it)")
         return TraceView(max_nodes=args.max_nodes, save=save, text=args.text, depth=args.depth,
                          expand=tuple(unquote(path) for path in args.expand), fold=not args.no_fold,
                          live=args.live, stop_on_nan=args.stop_on_nan, per_node_hooks=args.per_node_hooks)

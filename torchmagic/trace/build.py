@@ -136,6 +136,12 @@ class Builder:
         roots = self.roots()
         nexts = self.adjacency()
         order = post_order([node for node, _ in roots], nexts)
+        self.failed_reach: dict[int, PassRecord] = {}  # id(leaf) -> a pass that raised with it in its graph
+        for record in self.kept:
+            if record.failed:
+                for node in post_order([node for node, _ in record.roots if node is not None], nexts):
+                    if type(node) is ACCUMULATE_GRAD:
+                        self.failed_reach.setdefault(id(node.variable), record)
         alias = self.hook_wrappers(order, nexts)
         roots = list(dict.fromkeys(alias.get(edge, edge) for edge in roots))
         gradients = self.gradients(alias)
@@ -393,10 +399,10 @@ class Builder:
             trace_node.leaf_grad_note = note
         if trace_node.grad_pass is None and trace_node.missing_reason is None:
             history = self.recorder.ledger.history.get(id(variable))
-            failed = next((p for p in self.kept if p.failed), None)
+            failed = self.failed_reach.get(id(variable))
             if history:
                 trace_node.missing_reason = self._earlier_pass(history[1][-1][0])
-            elif failed is not None:  # drawn in the graph, so the pass that raised is why
+            elif failed is not None:  # in the graph of a pass that raised
                 trace_node.missing_reason = (f"backward pass {failed.index + 1} raised before it reached it "
                                              f"({failed.failed[:120]})")
             else:

@@ -124,11 +124,13 @@ class LeafLedger:
         self.watched: dict[int, weakref.ref] = {}  # data pointer of a leaf's .grad -> the leaf, for in-place writes
         self.changed_in_place: set[int] = set()  # id(leaf) whose .grad an op changed in place after a pass
         self.summed: dict[int, int] = {}  # id(leaf) -> how many passes its current .grad adds up
+        self._counted: dict[int, int] = {}  # id(leaf) -> the pass last counted in summed
         self._unread: list[tuple[NormHistory, int]] = []  # norms taken, not read back yet
         self._prune_at = 1024
 
     def clear(self) -> None:
         for store in (self.history, self.final, self.shared, self.held, self.watched, self.changed_in_place, self.summed,
+                      self._counted,
                       self._unread):
             store.clear()
 
@@ -267,18 +269,24 @@ class LeafLedger:
             self._unshare(pointers)
         return had
 
-    def engine_accumulated(self, leaves: list, had: set[int]) -> None:
-        """The engine added these leaves' gradients into ``.grad``: count the passes each ``.grad`` sums
-        (a leaf frozen before the pass got nothing: AccumulateGrad drops the gradient)."""
+    def engine_accumulated(self, leaves: list, had: set[int], index: int) -> None:
+        """The engine added these leaves' gradients into ``.grad`` in pass ``index``: count the passes
+        each ``.grad`` sums (a leaf frozen before the pass got nothing: AccumulateGrad drops it)."""
         for leaf, _, _ in leaves:
-            if not requires_grad_of(leaf):
-                continue
-            key = id(leaf)
-            if key in had:
-                self.summed[key] = self.summed.get(key, 1) + 1
-            else:
-                self.summed[key] = 1
-                self.changed_in_place.discard(key)
+            if requires_grad_of(leaf):
+                self._count(id(leaf), id(leaf) in had, index)
+
+    def _count(self, key: int, had_grad: bool, index: int) -> None:
+        """One more pass in the leaf's ``.grad`` (once per pass: reentrant checkpoint's recompute and
+        the pass around it both add to a parameter used inside and outside the block)."""
+        if self._counted.get(key) == index:
+            return
+        self._counted[key] = index
+        if had_grad:
+            self.summed[key] = self.summed.get(key, 1) + 1
+        else:
+            self.summed[key] = 1
+            self.changed_in_place.discard(key)
 
     # -- a pass's leaves -------------------------------------------------------------------------
     def accumulate(self, record: bw.PassRecord, edges: list, grads: tuple, count: int) -> list:
@@ -300,12 +308,7 @@ class LeafLedger:
                 pointer = old.data_ptr() if not old.is_sparse else 0
                 if pointer in self.shared:
                     self._unshare({pointer})  # accumulating into it would change the earlier pass's gradient
-            key = id(leaf)
-            if old is None:
-                self.summed[key] = 1
-                self.changed_in_place.discard(key)
-            else:
-                self.summed[key] = self.summed.get(key, 1) + 1
+            self._count(id(leaf), old is not None, record.index)
             # held by the grads tuple, `grad` and getrefcount's argument; more means a user's hook kept it
             others_hold_it = sys.getrefcount(grad) > 3
             if bw.accumulate_leaf(node, grad, others_hold_it) and grad.data_ptr():  # (a meta tensor has none)

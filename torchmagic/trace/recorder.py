@@ -183,6 +183,7 @@ class Recorder:
         self._original_will_execute: Any = None
         self._installed_will_execute: Any = None
         self._capturing: set[Any] | None = None  # the nodes of the captured pass running now
+        self._grad_at_start: dict[int, bool] = {}  # id(leaf) -> had a .grad when the running pass began
         self._paused: list[Any] = []  # the module whose inference fast path runs with the mode off
         self._closed = False
         self._distributed = False
@@ -657,13 +658,18 @@ class Recorder:
     def _hooked_pass(self, call: bw.EngineCall, record: bw.PassRecord, walk: bw.Walk) -> Any:
         keeper = bw.GradientKeeper(record, self.memory_budget, self.small_values)
         had = self.ledger.before_engine_accumulates(walk.leaf_edges) if call.accumulate_grad else set()
-        result = self._run_own(bw.run_hooked, call, self._original_engine, record, list(walk.seen), keeper)
+        # (a reentrant checkpoint's passes inside this one find .grad the engine already filled in it)
+        self._grad_at_start = {id(edge[0].variable): id(edge[0].variable) in had for edge in walk.leaf_edges}
+        try:
+            result = self._run_own(bw.run_hooked, call, self._original_engine, record, list(walk.seen), keeper)
+        finally:
+            self._grad_at_start = {}
         leaves = [(edge[0].variable, edge, value) for edge, value in record.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD and requires_grad_of(edge[0].variable)]  # (frozen: dropped)
         for leaf, _, _ in leaves:
             self.ledger.watch(leaf)
         if call.accumulate_grad:
-            self.ledger.engine_accumulated(leaves, had)
+            self.ledger.engine_accumulated(leaves, had, record.index)
         if not call.accumulate_grad and result:
             for edge, grad in zip(call.input_edges, result):
                 if grad is not None:
@@ -688,10 +694,11 @@ class Recorder:
         running.inner.append(inner)
         keeper = bw.GradientKeeper(inner, self.memory_budget, self.small_values)
         had = self.ledger.before_engine_accumulates(walk.leaf_edges) if call.accumulate_grad else set()
+        had = {key for key in had if self._grad_at_start.get(key, True)}  # as the running pass began
         result = self._run_own(bw.run_hooked, call, self._original_engine, inner, list(walk.seen), keeper)
         leaves = [(edge[0].variable, edge, value) for edge, value in inner.items()
                   if type(edge[0]) is bw.ACCUMULATE_GRAD]
         if call.accumulate_grad:
-            self.ledger.engine_accumulated(leaves, had)
+            self.ledger.engine_accumulated(leaves, had, running.index)
         self.ledger.note(running, leaves)
         return result
