@@ -381,3 +381,50 @@ def test_the_char_rnn_tutorials_loop_plots_hidden():
     plotted = [round(norm, 5) for _, norm in history]
     norms = [round(h.grad.norm().item(), 5) for h in states if h.grad is not None]  # (the last: unused)
     assert any(norms[i:i + len(plotted)] == plotted for i in range(len(norms) - len(plotted) + 1)), (plotted, norms)
+
+
+def _has_cycle(drawing) -> bool:
+    succ: dict[str, set[str]] = {}
+    for edge in drawing.edges:
+        if not edge.recurrent:
+            succ.setdefault(edge.tail, set()).add(edge.head)
+    state: dict[str, int] = {}
+
+    def visit(box: str) -> bool:
+        state[box] = 1
+        for nxt in succ.get(box, ()):
+            if state.get(nxt) == 1 or (nxt not in state and visit(nxt)):
+                return True
+        state[box] = 2
+        return False
+
+    return any(box not in state and visit(box) for box in list(succ))
+
+
+def test_a_container_never_called_whose_parts_the_parent_interleaves_is_drawn_open():
+    """ViT: ``for attn, ff in self.layers: x = attn(x) + x; x = ff(x) + x``. Each ``layers.k`` is a
+    ModuleList never called; one box for it would take attn's output out to the add and back in
+    to ff: a cycle. Such a container is drawn open, its calls boxed apart."""
+    class Transformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]) for _ in range(2))
+
+        def forward(self, x):
+            for attn, ff in self.layers:
+                x = attn(x) + x
+                x = ff(x) + x
+            return x
+
+    torch.manual_seed(0)
+    net = Transformer()
+    with torchmagic.trace() as t:
+        loss = net(torch.randn(2, 4)).sum()
+        loss.backward()
+    for depth in (1, 2, None):
+        t.set_view(depth=depth)
+        drawing = truth.check(t)
+        assert not _has_cycle(drawing), depth
+    t.set_view(depth=2)
+    assert "net.layers.0.0" in {path for path, _ in t.view().collapsed}

@@ -254,9 +254,16 @@ class _Planner:
         for node in nodes:
             for i in node.inputs:
                 self.consumers[i].append(node.id)
+        self.opened: set[str] = set()  # calls drawn open because a box would draw a cycle
 
     def view(self, auto: bool) -> View:
         self._assign_ops()
+        crossed = self._crossed_units()
+        while crossed:  # (each round opens at least one call: it ends)
+            self.opened |= crossed
+            self.owner, self.open_calls, self.collapsed = {}, {}, {}
+            self._assign_ops()
+            crossed = self._crossed_units()
         self._assign_leaves()
         self._stand_ins()
         chain, clusters = self._clusters()
@@ -280,8 +287,8 @@ class _Planner:
             if node.kind != "op":
                 continue
             scope = call_scope(node)
-            closed = next((k for k, (path, _) in enumerate(scope) if not _is_open(path, self.depth, self.expand)),
-                          None)
+            closed = next((k for k, (path, _) in enumerate(scope)
+                           if not _is_open(path, self.depth, self.expand) and path not in self.opened), None)
             self.open_calls[node.id] = scope if closed is None else scope[:closed]
             if closed is not None:
                 path, number = scope[closed]
@@ -291,6 +298,22 @@ class _Planner:
                         path, number, self.calls.get(path, 1), self.modules.get(path, ""))
                 unit.node_ids.append(node.id)
                 self.owner[node.id] = (path, number)
+
+    def _crossed_units(self) -> set[str]:
+        """Collapsed calls whose box would be in a cycle: what leaves it comes back into it through
+        operations outside it. A module's own call cannot do that; a container never called itself
+        (``for attn, ff in self.layers: x = attn(x) + x; x = ff(x) + x``) can, and is drawn open."""
+        crossed: set[str] = set()
+        for (path, _), unit in self.collapsed.items():
+            inside = set(unit.node_ids)
+            low, high = min(inside), max(inside)
+            between: set[int] = set()  # outside the box, fed by it (ids are in graph order)
+            for i in range(low + 1, high):
+                if i not in inside and any(u in inside or u in between for u in self.nodes[i].inputs):
+                    between.add(i)
+            if between and any(u in between for j in inside for u in self.nodes[j].inputs):
+                crossed.add(path)
+        return crossed
 
     # -- step 2: a parameter inside a collapsed module is in the box of the one call that uses it,
     # hidden (and counted in each box) when several calls share it, and drawn when used outside
