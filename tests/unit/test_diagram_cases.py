@@ -428,3 +428,18 @@ def test_a_container_never_called_whose_parts_the_parent_interleaves_is_drawn_op
         assert not _has_cycle(drawing), depth
     t.set_view(depth=2)
     assert "net.layers.0.0" in {path for path, _ in t.view().collapsed}
+
+
+def test_a_diagram_over_the_page_budget_is_redrawn_smaller_whatever_max_nodes():
+    """The redraw scales from the tensors drawn, not from max_nodes: with max_nodes far above the
+    graph's size, scaling from it drew everything again."""
+    from torchmagic.trace.trace import SVG_BUDGET
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8), torch.nn.GELU())
+                                for _ in range(70)])
+    with torchmagic.trace() as t:
+        loss = net(torch.randn(2, 8)).pow(2).mean()
+        loss.backward()
+    t.set_view(fold=False, depth=10, max_nodes=5000)
+    assert len(t.svg()) <= SVG_BUDGET

@@ -373,10 +373,10 @@ class Trace(TraceChecks):
 
             start = time.perf_counter()
             graph, view = self._diagram()
-            limit = self.max_nodes
+            limit = min(self.max_nodes, max(view.box_count, 10))  # (scaled from what is drawn, not the cap)
             try:
                 svg = render_svg(graph.source, timeout=self.layout_timeout)
-                for _ in range(2):
+                for _ in range(3):
                     if len(svg) <= SVG_BUDGET:
                         break
                     limit = max(10, int(limit * SVG_BUDGET / len(svg) * 0.85))
