@@ -207,19 +207,15 @@ def _convert_list(value: list, name: str, options: ConversionOptions) -> Convers
     # torch.tensor checks shape and types in C; the Python walk only runs to explain a refusal
     leaf, why_not = _first_leaf(value)
     tensor = torch_error = None
-    integer = options.dtype is not None and _integer(options.dtype)
     if why_not is None and _is_number(leaf):
         try:  # on the CPU first, whatever the default device: the checks below read values
-            # (an integer --dtype: built as torch infers it, checked, then cast; torch.tensor would
-            # wrap -1 into uint8's 255)
-            tensor = torch.tensor(value, dtype=None if integer else options.dtype, device="cpu")
+            tensor = torch.tensor(value, dtype=options.dtype, device="cpu")
         except (TypeError, ValueError, RuntimeError, OverflowError) as error:
             torch_error = error
-    if tensor is not None and integer:
-        refusal = _out_of_range(tensor.numpy(), options.dtype)
+    if tensor is not None and options.dtype is not None and _integer(options.dtype):
+        refusal = _wrapped(value, options.dtype)  # torch.tensor wraps -1 into uint8's 255
         if refusal is not None:
             return Conversion(name, "list", tuple(tensor.shape), None, note=refusal)
-        tensor = tensor.to(options.dtype)
     if tensor is None:
         shape = None
         if why_not is None:
@@ -237,6 +233,17 @@ def _convert_list(value: list, name: str, options: ConversionOptions) -> Convers
         tensor = tensor.to(device)
     tensor, note = _finish(tensor, options)
     return Conversion(name, "list", shape, None, tensor=tensor, note=note)
+
+
+def _wrapped(value: list, dtype: torch.dtype) -> str | None:
+    """Why the list's values do not fit integer ``dtype`` (checked as int64, exactly), or None."""
+    try:
+        wide = torch.tensor(value, dtype=torch.int64, device="cpu")
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        if dtype == torch.uint64:
+            return None  # (values past int64's range: torch's own uint64 build took them)
+        return f"values outside int64's range cannot become {_dtype_str(dtype)}"
+    return _out_of_range(wide.numpy(), dtype)
 
 
 def _integer(dtype: torch.dtype) -> bool:

@@ -208,3 +208,14 @@ def test_converter_reports_loop_assignments_once():
 def test_public_convert():
     c = torchmagic.to_tensor(np.ones(2), dtype="float32")
     assert c.tensor.dtype == torch.float32 and "dtype change" in c.copy_reason
+
+
+@pytest.mark.parametrize("values, dtype, expected", [
+    ([2147483647.0], torch.int32, [2147483647]),
+    ([123456789.0], torch.int64, [123456789]),
+    ([16777217, 0.5], torch.int64, [16777217, 0]),
+    ([2**63, 2**64 - 1], torch.uint64, [2**63, 2**64 - 1]),
+])
+def test_an_integer_dtype_converts_list_values_as_torch_does(values, dtype, expected):
+    conversion = convert(values, "v", ConversionOptions(dtype=dtype))
+    assert conversion.converted and conversion.tensor.tolist() == expected

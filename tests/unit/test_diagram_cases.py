@@ -443,3 +443,31 @@ def test_a_diagram_over_the_page_budget_is_redrawn_smaller_whatever_max_nodes():
         loss.backward()
     t.set_view(fold=False, depth=10, max_nodes=5000)
     assert len(t.svg()) <= SVG_BUDGET
+
+
+def test_an_opened_containers_calls_keep_their_parameters_in_their_boxes():
+    """Opening a container to avoid a cycle must not leave its calls' weights outside their boxes."""
+    class Transformer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList(
+                torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]) for _ in range(3))
+
+        def forward(self, x):
+            for attn, ff in self.layers:
+                x = attn(x) + x
+                x = ff(x) + x
+            return x
+
+    torch.manual_seed(0)
+    net = Transformer()
+    with torchmagic.trace() as t:
+        loss = net(torch.randn(2, 4)).sum()
+        loss.backward()
+    t.set_view(depth=1)
+    shallow = t.view()
+    t.set_view(depth=3)
+    deep = t.view()
+    assert set(shallow.collapsed) == set(deep.collapsed)
+    assert shallow.box_count == deep.box_count
+    assert shallow.owner[t.node("net.layers.0.0.weight").id] == ("net.layers.0.0", 1)

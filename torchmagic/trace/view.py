@@ -287,8 +287,7 @@ class _Planner:
             if node.kind != "op":
                 continue
             scope = call_scope(node)
-            closed = next((k for k, (path, _) in enumerate(scope)
-                           if not _is_open(path, self.depth, self.expand) and path not in self.opened), None)
+            closed = next((k for k, (path, _) in enumerate(scope) if self._closed(path)), None)
             self.open_calls[node.id] = scope if closed is None else scope[:closed]
             if closed is not None:
                 path, number = scope[closed]
@@ -298,6 +297,10 @@ class _Planner:
                         path, number, self.calls.get(path, 1), self.modules.get(path, ""))
                 unit.node_ids.append(node.id)
                 self.owner[node.id] = (path, number)
+
+    def _closed(self, path: str) -> bool:
+        """Whether calls of the module at ``path`` are drawn as boxes at this depth."""
+        return not _is_open(path, self.depth, self.expand) and path not in self.opened
 
     def _crossed_units(self) -> set[str]:
         """Collapsed calls whose box would be in a cycle: what leaves it comes back into it through
@@ -321,7 +324,7 @@ class _Planner:
         for node in self.nodes:
             if node.kind == "op" or not node.module:
                 continue
-            closed = next((p for p in _chain(node.module) if not _is_open(p, self.depth, self.expand)), None)
+            closed = next((p for p in _chain(node.module) if self._closed(p)), None)
             if closed is None:
                 continue
             users = {self.owner.get(i) for i in self.consumers[node.id]}
