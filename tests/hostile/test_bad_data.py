@@ -150,7 +150,7 @@ LINE_REFUSALS = [
     ("%tensor np.array(['a'])", "strings"),
     ("%tensor np.ma.masked_array([1.0], mask=[1])", "torch has no masks"),
     ("%tensor np.array([2**64 - 1], dtype=np.uint64)", "above int64's maximum"),
-    ("%tensor --dtype int8 [300]", "do not fit int8 (-128 to 127)"),
+    ("%tensor --dtype int8 [300]", "value cannot be converted to type int8 without overflow"),
     ("%tensor --dtype int8 np.array([1, 300])", "values from 1 to 300 do not fit int8"),
     ("%tensor --dtype int64 np.array([1.0, np.nan])", "NaN or infinite values cannot become int64"),
     ("%tensor --requires-grad [1, 2]", "only floating point and complex tensors can require grad"),

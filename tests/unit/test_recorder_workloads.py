@@ -1145,3 +1145,14 @@ def test_a_pass_that_raised_is_blamed_only_for_leaves_in_its_graph():
     assert t.node("x").missing_reason.startswith("backward pass 1 raised before it reached it")
     assert t.node("u").missing_reason == "not reachable from the output"
     assert b.requires_grad
+
+
+def test_a_leaf_given_two_parts_by_one_pass_says_so():
+    torch.manual_seed(0)
+    layer = nn.Linear(4, 4)
+    xb = torch.randn(3, 4, requires_grad=True)
+    with torchmagic.trace() as t:
+        out = checkpoint_module.checkpoint(layer, xb, use_reentrant=True)
+        loss = out.pow(2).sum() + layer.weight.sum()  # the weight: inside and outside the block
+        loss.backward()
+    assert "sum of the 2 parts the pass gave it" in t.node("layer.weight").leaf_grad_note

@@ -439,12 +439,18 @@ class LeafLedger:
                 self.norms(record)
         self.read_back()
         last_gradient: dict[int, Any] = {}
+        split: dict[int, int] = {}  # id(leaf) -> the parts its last pass gave it, where more than one
         backward = {record.index for record in self.passes if record.entry == "backward"}  # (.grad: not autograd.grad)
         for record in self.passes:
             if not record.kept or record.index not in backward:
                 continue
+            parts: dict[int, int] = {}
             for leaf, edge in record.leaf_grads:
                 last_gradient[id(leaf)] = (record, edge)
+                parts[id(leaf)] = parts.get(id(leaf), 0) + 1
+            for key, count in parts.items():
+                if count > 1:  # (a leaf used inside and outside a reentrant checkpoint: two parts)
+                    split[key] = count
         for key, (ref, history) in self.history.items():
             leaf = ref()
             if leaf is None:
@@ -468,6 +474,9 @@ class LeafLedger:
             if _is_meta(now) and self.summed.get(key, len(passes)) <= 1 and key not in self.changed_in_place:
                 continue  # no values to compare, and nothing seen that would make it differ
             note = self._note(self.summed.get(key, len(passes)), key in self.changed_in_place)
+            if key in split and self.summed.get(key, len(passes)) <= 1 and key not in self.changed_in_place:
+                note = (f".grad is the sum of the {split[key]} parts the pass gave it (inside and outside a "
+                        "reentrant checkpoint's recompute); the gradient shown is one of them")
             try:
                 summary = PendingSummary(now, self.small_values)
             except Exception:
