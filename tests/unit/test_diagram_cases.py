@@ -471,3 +471,31 @@ def test_an_opened_containers_calls_keep_their_parameters_in_their_boxes():
     assert set(shallow.collapsed) == set(deep.collapsed)
     assert shallow.box_count == deep.box_count
     assert shallow.owner[t.node("net.layers.0.0.weight").id] == ("net.layers.0.0", 1)
+
+
+def test_a_loop_with_a_linear_output_at_each_step_folds():
+    """pytorch/examples' time_sequence_prediction: an LSTMCell and a Linear head at each step. The
+    head's t(weight), made at each call from the parameter alone, belongs to its step."""
+    torch.manual_seed(0)
+    cell, head = torch.nn.LSTMCell(1, 5), torch.nn.Linear(5, 1)
+    xs = torch.randn(3, 8)
+    hs = []
+    with torchmagic.trace() as t:
+        state = (torch.zeros(3, 5), torch.zeros(3, 5))
+        outs = []
+        for x_t in xs.split(1, dim=1):
+            state = cell(x_t, state)
+            state[0].retain_grad()
+            hs.append(state[0])
+            outs.append(head(state[0]))
+        loss = torch.cat(outs, 1).pow(2).mean()
+        loss.backward()
+    (loop,) = t.view().loops
+    assert loop.count >= 7 and "×" in t.to_dot()
+    for view in ({}, {"depth": 0}, {"fold": False}):
+        t.set_view(**view)
+        truth.check(t)
+    t.set_view()
+    ((_, history),) = loop_history(t.nodes, [loop]).items()
+    plotted = [norm for _, norm in history]
+    assert plotted == pytest.approx([h.grad.norm().item() for h in hs][-len(plotted):], rel=1e-5)  # h's, as PyTorch has them

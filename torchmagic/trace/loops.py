@@ -227,6 +227,16 @@ def _fold(nodes, consumers, carried: list[int], taken: set[int], min_iterations:
         if _local(nodes[i]) in common:
             units[k].append(i)
             iteration[i] = k
+    # an op on parameters alone that only one iteration uses is that iteration's (the t(weight)
+    # an nn.Linear makes at each call): left outside, each iteration would read a different one
+    for node in nodes:
+        if node.kind != "op" or node.id in iteration or any(nodes[j].kind == "op" for j in node.inputs):
+            continue
+        users = {iteration.get(c) for c in consumers[node.id]}
+        if len(users) == 1 and None not in users:
+            (k,) = users
+            units[k].append(node.id)
+            iteration[node.id] = k
     units = [sorted(unit) for unit in units]
     signatures = _signatures(nodes, units, iteration)
     # the longest run of alike iterations, the last one drawn
