@@ -401,27 +401,35 @@ def _has_cycle(drawing) -> bool:
     return any(box not in state and visit(box) for box in list(succ))
 
 
+class _InterleavedLayers(torch.nn.Module):
+    """ViT's layout: containers never called, whose two parts the parent interleaves with adds."""
+
+    def __init__(self, count: int):
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]) for _ in range(count))
+
+    def forward(self, x):
+        for attn, ff in self.layers:
+            x = attn(x) + x
+            x = ff(x) + x
+        return x
+
+
+def _trace_interleaved_layers(count: int):
+    torch.manual_seed(0)
+    net = _InterleavedLayers(count)
+    with torchmagic.trace() as t:
+        loss = net(torch.randn(2, 4)).sum()
+        loss.backward()
+    return t
+
+
 def test_a_container_never_called_whose_parts_the_parent_interleaves_is_drawn_open():
     """ViT: ``for attn, ff in self.layers: x = attn(x) + x; x = ff(x) + x``. Each ``layers.k`` is a
     ModuleList never called; one box for it would take attn's output out to the add and back in
     to ff: a cycle. Such a container is drawn open, its calls boxed apart."""
-    class Transformer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList(
-                torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]) for _ in range(2))
-
-        def forward(self, x):
-            for attn, ff in self.layers:
-                x = attn(x) + x
-                x = ff(x) + x
-            return x
-
-    torch.manual_seed(0)
-    net = Transformer()
-    with torchmagic.trace() as t:
-        loss = net(torch.randn(2, 4)).sum()
-        loss.backward()
+    t = _trace_interleaved_layers(2)
     for depth in (1, 2, None):
         t.set_view(depth=depth)
         drawing = truth.check(t)
@@ -447,23 +455,7 @@ def test_a_diagram_over_the_page_budget_is_redrawn_smaller_whatever_max_nodes():
 
 def test_an_opened_containers_calls_keep_their_parameters_in_their_boxes():
     """Opening a container to avoid a cycle must not leave its calls' weights outside their boxes."""
-    class Transformer(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layers = torch.nn.ModuleList(
-                torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)]) for _ in range(3))
-
-        def forward(self, x):
-            for attn, ff in self.layers:
-                x = attn(x) + x
-                x = ff(x) + x
-            return x
-
-    torch.manual_seed(0)
-    net = Transformer()
-    with torchmagic.trace() as t:
-        loss = net(torch.randn(2, 4)).sum()
-        loss.backward()
+    t = _trace_interleaved_layers(3)
     t.set_view(depth=1)
     shallow = t.view()
     t.set_view(depth=3)
